@@ -1,0 +1,74 @@
+# care-serve: every target creates what it needs (virtualenv, Debian packages) by itself.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Debian packages that tests and benchmarks read: real data, glyph fonts, and the static checkers of the
+# deployment files.
+APT_PACKAGES := dataset-fashion-mnist fonts-noto-core docker-compose prometheus
+# torch and torchvision first and pinned: on our machines pip takes exactly these from local disk.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: help venv apt-deps serve worker test lint typecheck bench-model bench-registry bench-accuracy \
+        bench-accuracy-glyphs100 bench-accuracy-glyphs300 bench-serve clean
+
+help:
+	@echo "make serve   start the service on its embedded defaults at http://127.0.0.1:8000"
+	@echo "make test    lint, type-check and run the whole test suite"
+	@echo "make bench-model | bench-registry | bench-accuracy | bench-serve   benchmarks (see docs/benchmarks.md)"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+apt-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+serve: $(STAMP)
+	$(BIN)/care-serve serve
+
+worker: $(STAMP)
+	$(BIN)/care-serve worker
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) apt-deps lint typecheck
+	OMP_NUM_THREADS=2 $(BIN)/pytest -q
+
+bench-model: $(STAMP)
+	$(BIN)/care-serve bench model
+
+bench-registry: $(STAMP)
+	$(BIN)/care-serve bench registry
+
+bench-accuracy: $(STAMP) apt-deps
+	$(BIN)/care-serve bench accuracy --stream fmnist5
+
+bench-accuracy-glyphs100: $(STAMP) apt-deps
+	$(BIN)/care-serve bench accuracy --stream glyphs100
+
+bench-accuracy-glyphs300: $(STAMP) apt-deps
+	$(BIN)/care-serve bench accuracy --stream glyphs300
+
+bench-serve: $(STAMP)
+	$(BIN)/care-serve bench serve
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""care-serve model package."""

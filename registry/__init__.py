@@ -1,0 +1,1 @@
+"""care-serve registry package."""

@@ -1,0 +1,1 @@
+"""care-serve service package."""
