@@ -1,0 +1,257 @@
+"""Stacked, immutable tensors of every learned task's experts and perceptrons.
+
+Experts and perceptrons are needed by every request (the CLS-token scores of all of them pick the routers), so
+they stay resident, stacked per site along a leading task dimension. The fast path uses a *folded* form in which
+each LayerNorm's affine and each expert's output scale are multiplied into the neighbouring linear layer:
+
+    E(x) = s * (W_up relu(W_down (gamma * xhat + beta) + b_down) + b_up)
+         = (s W_up) relu((W_down gamma) xhat + (W_down beta + b_down)) + s b_up,      xhat = (x - mean) / std
+
+so that one normalisation of the tokens serves every expert. The raw form is kept for the reference path, which
+mirrors the equations term by term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from model.adapter import Adapter, Perceptron
+
+
+def _cat(parts: Sequence[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=0)
+
+
+@dataclass(frozen=True)
+class FoldedAdapters:
+    """Folded adapters: `E_i(x) = up_weight[i] relu(down_weight[i] xhat + down_bias[i]) + up_bias[i]`."""
+
+    down_weight: Tensor  # (n, r, d)
+    down_bias: Tensor  # (n, r)
+    up_weight: Tensor  # (n, d, r)
+    up_bias: Tensor  # (n, d)
+
+    @classmethod
+    def concat(cls, parts: Sequence[FoldedAdapters]) -> FoldedAdapters:
+        return cls(**{f.name: _cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class AdapterStack:
+    """Raw parameters of n adapters of one site, stacked along dim 0."""
+
+    norm_weight: Tensor  # (n, d)
+    norm_bias: Tensor  # (n, d)
+    down_weight: Tensor  # (n, r, d)
+    down_bias: Tensor  # (n, r)
+    up_weight: Tensor  # (n, d, r)
+    up_bias: Tensor  # (n, d)
+    scale: Tensor  # (n, d)
+
+    @property
+    def count(self) -> int:
+        return int(self.down_weight.shape[0])
+
+    @classmethod
+    def from_modules(cls, adapters: Sequence[Adapter]) -> AdapterStack:
+        """Stack adapter modules; gradients flow into the modules' parameters."""
+        return cls(
+            norm_weight=torch.stack([a.norm.weight for a in adapters]),
+            norm_bias=torch.stack([a.norm.bias for a in adapters]),
+            down_weight=torch.stack([a.down.weight for a in adapters]),
+            down_bias=torch.stack([a.down.bias for a in adapters]),
+            up_weight=torch.stack([a.up.weight for a in adapters]),
+            up_bias=torch.stack([a.up.bias for a in adapters]),
+            scale=torch.stack([a.scale for a in adapters]),
+        )
+
+    @classmethod
+    def concat(cls, stacks: Sequence[AdapterStack]) -> AdapterStack:
+        return cls(**{f.name: _cat([getattr(s, f.name) for s in stacks]) for f in fields(cls)})
+
+    def fold(self) -> FoldedAdapters:
+        return FoldedAdapters(
+            down_weight=self.down_weight * self.norm_weight[:, None, :],
+            down_bias=torch.einsum("nrd,nd->nr", self.down_weight, self.norm_bias) + self.down_bias,
+            up_weight=self.scale[:, :, None] * self.up_weight,
+            up_bias=self.scale * self.up_bias,
+        )
+
+    @classmethod
+    def empty(cls, dim: int, bottleneck: int) -> AdapterStack:
+        """A stack of zero adapters (the bank before the first task)."""
+        return cls(
+            norm_weight=torch.empty(0, dim),
+            norm_bias=torch.empty(0, dim),
+            down_weight=torch.empty(0, bottleneck, dim),
+            down_bias=torch.empty(0, bottleneck),
+            up_weight=torch.empty(0, dim, bottleneck),
+            up_bias=torch.empty(0, dim),
+            scale=torch.empty(0, dim),
+        )
+
+    def to(self, device: torch.device | str) -> AdapterStack:
+        return AdapterStack(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def detach(self) -> AdapterStack:
+        return AdapterStack(**{f.name: getattr(self, f.name).detach() for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class FoldedPerceptrons:
+    """Folded perceptrons: logits of task t are `weight[t] xhat + bias[t]`; padded classes have bias -inf."""
+
+    weight: Tensor  # (T, n_max, d)
+    bias: Tensor  # (T, n_max)
+
+    @classmethod
+    def concat(cls, parts: Sequence[FoldedPerceptrons]) -> FoldedPerceptrons:
+        width = max(int(p.weight.shape[1]) for p in parts)
+        return cls(
+            weight=_cat([_pad_classes(p.weight, width, 0.0) for p in parts]),
+            bias=_cat([_pad_classes(p.bias, width, float("-inf")) for p in parts]),
+        )
+
+
+@dataclass(frozen=True)
+class PerceptronStack:
+    """Raw perceptrons of T tasks at one site, padded to the largest class count.
+
+    Padded rows have zero weight and bias -inf, so their softmax probability is exactly 0 and they add exactly 0
+    to the entropy: padding changes no routing decision.
+    """
+
+    norm_weight: Tensor  # (T, d)
+    norm_bias: Tensor  # (T, d)
+    weight: Tensor  # (T, n_max, d)
+    bias: Tensor  # (T, n_max)
+    num_classes: tuple[int, ...]
+
+    @classmethod
+    def from_modules(cls, perceptrons: Sequence[Perceptron]) -> PerceptronStack:
+        return cls.concat(
+            [
+                cls(
+                    norm_weight=p.norm.weight[None],
+                    norm_bias=p.norm.bias[None],
+                    weight=p.linear.weight[None],
+                    bias=p.linear.bias[None],
+                    num_classes=(int(p.linear.weight.shape[0]),),
+                )
+                for p in perceptrons
+            ]
+        )
+
+    @classmethod
+    def concat(cls, stacks: Sequence[PerceptronStack]) -> PerceptronStack:
+        width = max((n for s in stacks for n in s.num_classes), default=0)
+        return cls(
+            norm_weight=_cat([s.norm_weight for s in stacks]),
+            norm_bias=_cat([s.norm_bias for s in stacks]),
+            weight=_cat([_pad_classes(s.weight, width, 0.0) for s in stacks]),
+            bias=_cat([_pad_classes(s.bias, width, float("-inf")) for s in stacks]),
+            num_classes=tuple(n for s in stacks for n in s.num_classes),
+        )
+
+    @classmethod
+    def empty(cls, dim: int) -> PerceptronStack:
+        return cls(torch.empty(0, dim), torch.empty(0, dim), torch.empty(0, 0, dim), torch.empty(0, 0), ())
+
+    def fold(self) -> FoldedPerceptrons:
+        return FoldedPerceptrons(
+            weight=self.weight * self.norm_weight[:, None, :],
+            bias=torch.einsum("tnd,td->tn", self.weight, self.norm_bias) + self.bias,
+        )
+
+    def detach(self) -> PerceptronStack:
+        return PerceptronStack(
+            self.norm_weight.detach(),
+            self.norm_bias.detach(),
+            self.weight.detach(),
+            self.bias.detach(),
+            self.num_classes,
+        )
+
+    def to(self, device: torch.device | str) -> PerceptronStack:
+        return PerceptronStack(
+            norm_weight=self.norm_weight.to(device),
+            norm_bias=self.norm_bias.to(device),
+            weight=self.weight.to(device),
+            bias=self.bias.to(device),
+            num_classes=self.num_classes,
+        )
+
+
+def _pad_classes(tensor: Tensor, width: int, value: float) -> Tensor:
+    missing = width - int(tensor.shape[1])
+    if missing == 0:
+        return tensor
+    pad_shape = (tensor.shape[0], missing, *tensor.shape[2:])
+    return torch.cat([tensor, tensor.new_full(pad_shape, value)], dim=1)
+
+
+class SiteBank:
+    """Experts, perceptrons and the shared expert of one site, with their folded forms computed once."""
+
+    def __init__(self, experts: AdapterStack, perceptrons: PerceptronStack, shared: AdapterStack) -> None:
+        if experts.count != len(perceptrons.num_classes):
+            raise ValueError(f"{experts.count} experts but {len(perceptrons.num_classes)} perceptrons at one site")
+        self.experts = experts
+        self.perceptrons = perceptrons
+        self.shared = shared
+        self._folded: tuple[FoldedAdapters, FoldedPerceptrons, FoldedAdapters] | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return self.experts.count
+
+    def folded(self) -> tuple[FoldedAdapters, FoldedPerceptrons, FoldedAdapters]:
+        """(experts, perceptrons, shared) in folded form; cached, so only for frozen banks."""
+        if self._folded is None:
+            with torch.no_grad():
+                self._folded = (self.experts.fold(), self.perceptrons.fold(), self.shared.fold())
+        return self._folded
+
+
+class ExpertBank:
+    """The resident part of T learned tasks: one `SiteBank` per site. Immutable: `append` returns a new bank."""
+
+    def __init__(self, sites: Sequence[SiteBank]) -> None:
+        self.sites = list(sites)
+        counts = {site.num_tasks for site in self.sites}
+        if len(counts) > 1:
+            raise ValueError(f"sites disagree on the number of tasks: {sorted(counts)}")
+
+    @property
+    def num_tasks(self) -> int:
+        return self.sites[0].num_tasks if self.sites else 0
+
+    @property
+    def num_classes(self) -> tuple[int, ...]:
+        return self.sites[0].perceptrons.num_classes if self.sites else ()
+
+    def append(self, experts: Sequence[AdapterStack], perceptrons: Sequence[PerceptronStack]) -> ExpertBank:
+        """A new bank with one more task (one-task stacks per site); this bank is left unchanged."""
+        return ExpertBank(
+            [
+                SiteBank(
+                    AdapterStack.concat([site.experts, e]),
+                    PerceptronStack.concat([site.perceptrons, p]),
+                    site.shared,
+                )
+                for site, e, p in zip(self.sites, experts, perceptrons, strict=True)
+            ]
+        )
+
+    def detach(self) -> ExpertBank:
+        """The same tensors cut from any autograd graph (a trained task's modules stay trainable objects)."""
+        return ExpertBank([SiteBank(s.experts.detach(), s.perceptrons.detach(), s.shared.detach()) for s in self.sites])
+
+    def to(self, device: torch.device | str) -> ExpertBank:
+        return ExpertBank(
+            [SiteBank(s.experts.to(device), s.perceptrons.to(device), s.shared.to(device)) for s in self.sites]
+        )

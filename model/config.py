@@ -1,0 +1,140 @@
+"""Configuration of the BR-MoE model and of the per-task trainer.
+
+`ModelConfig` describes everything that shapes the learned tensors: a task artifact made under one
+configuration cannot be loaded under another, so it travels as metadata with every artifact and its
+fingerprint is checked on load. `TrainConfig` is the training budget; it does not change tensor shapes and
+may differ from task to task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+# CNN sites used when none are configured: block outputs of the last three stages (14x14 and 7x7 maps at 224 px).
+# Earlier stages are where EfficientNet-Lite0 spends most of its time on a CPU, so keeping sites late keeps both
+# training (only the part above the first site is re-run per epoch) and the fast path cheap.
+DEFAULT_CNN_SITES: dict[str, tuple[str, ...]] = {
+    "efficientnet_lite0": (
+        "blocks.4.0",
+        "blocks.4.1",
+        "blocks.4.2",
+        "blocks.5.0",
+        "blocks.5.1",
+        "blocks.5.2",
+        "blocks.5.3",
+        "blocks.6.0",
+    ),
+}
+
+CovarianceMode = Literal["full", "diagonal"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape-defining settings of CaRE on one backbone.
+
+    Attributes:
+        backbone: timm model name.
+        sites: Where BR-MoE modules sit. ViTs: block indices as strings ("0".."11"); an empty tuple means every
+            block (CaRE's placement). CNNs: module paths of blocks whose output is adapted ("blocks.5.3"); empty
+            means the backbone's default list.
+        expert_dim: Bottleneck of each task expert E_t (CaRE: 16).
+        shared_dim: Bottleneck of the shared expert E_bar (CaRE: 64).
+        top_routers: M, routers selected per site by lowest perceptron entropy (CaRE: 2).
+        top_experts: K, experts each selected router activates (CaRE: 3).
+        expert_dropout: Dropout inside experts while training (CaRE: 0.1).
+        cosine_scale: tau, the scale of cosine logits in the losses and in served probabilities (CaRE: 20).
+        image_size: Input resolution (square); None means the backbone's pretrained resolution.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    sites: tuple[str, ...] = ()
+    expert_dim: int = 16
+    shared_dim: int = 64
+    top_routers: int = 2
+    top_experts: int = 3
+    expert_dropout: float = 0.1
+    cosine_scale: float = 20.0
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("expert_dim", "shared_dim", "top_routers", "top_experts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.expert_dropout < 1.0:
+            raise ValueError(f"ModelConfig.expert_dropout must be in [0, 1), got {self.expert_dropout}")
+        if self.image_size is not None and self.image_size < 16:
+            raise ValueError(f"ModelConfig.image_size must be >= 16 pixels, got {self.image_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        data = asdict(self)
+        data["sites"] = list(self.sites)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict`; unknown keys are an error so that a newer artifact is not misread."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; this artifact was made by a newer care-serve")
+        values = dict(data)
+        if "sites" in values:
+            values["sites"] = tuple(str(s) for s in values["sites"])
+        return cls(**values)
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON form; equal fingerprints mean interchangeable artifacts."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training budget and optimisation settings of one task.
+
+    Defaults are sized so that a task of 2 classes x 100 images trains in under two minutes on a 2-core CPU with
+    the bundled EfficientNet-Lite0; CaRE's paper recipe is 20 epochs, batch 16, lr 0.01.
+
+    Attributes:
+        epochs: Epochs over the task's images. From the second task on they are split into two stages of
+            epochs // 2 (and the remainder), each followed by classifier alignment, as in CaRE's code.
+        batch_size: Mini-batch size.
+        lr: Initial SGD learning rate (cosine-annealed per epoch to 0; stage 2 restarts at lr / 2).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        aux_weight: Weight of the per-site perceptron loss (CaRE's code: the mean over sites of (CE + KL) / 2).
+        covariance: Per-class statistics for classifier alignment: "full" covariance or "diagonal" variance.
+        align_epochs: Epochs of classifier alignment after each stage (0 disables alignment).
+        align_lr: SGD learning rate of classifier alignment.
+        align_samples_per_class: Gaussian samples drawn per seen class and alignment epoch.
+        align_batch_size: Mini-batch size of classifier alignment.
+        seed: Seeds every random choice of the task (initialisation, shuffling, dropout, replay).
+    """
+
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    aux_weight: float = 1.0
+    covariance: CovarianceMode = "diagonal"
+    align_epochs: int = 5
+    align_lr: float = 0.005
+    align_samples_per_class: int = 64
+    align_batch_size: int = 128
+    seed: int = 1993
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"TrainConfig needs epochs >= 1 and batch_size >= 1, got {self.epochs}, {self.batch_size}")
+        if self.covariance not in ("full", "diagonal"):
+            raise ValueError(f"TrainConfig.covariance must be 'full' or 'diagonal', got {self.covariance!r}")
+        if self.align_epochs < 0 or self.align_samples_per_class < 1:
+            raise ValueError("TrainConfig.align_epochs must be >= 0 and align_samples_per_class >= 1")

@@ -1,0 +1,162 @@
+"""The BR-MoE computation at one site, in its two forms.
+
+`reference_moe` mirrors the equations: every expert runs on every token, the routing inputs are the CLS rows of
+those outputs, and the gates are CaRE's dense masked softmax. Its cost grows with the number of tasks.
+
+`fast_moe` is exact but cheap: experts are token-wise, so the routing inputs E_t(z)[CLS] = E_t(z[CLS]) need only
+the CLS (pooled) vector; all experts and perceptrons are scored on that one vector with stacked weights, and only
+the at most M*K selected experts (plus E_bar) then run on all tokens, gathered per sample so one batch can mix any
+tasks. The only numerical difference is that it drops the e^-100 weights of masked experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from model.adapter import LAYER_NORM_EPS
+from model.bank import AdapterStack, FoldedAdapters, FoldedPerceptrons, PerceptronStack
+from model.routers import RouterSource
+from model.routing import dense_gates, entropy, router_logits, select_routers, sparse_gates
+
+
+@dataclass
+class RoutingOptions:
+    """How one forward pass routes.
+
+    Attributes:
+        top_routers: M.
+        top_experts: K.
+        forced_task: Training only: the task being learned (its router is always selected).
+        dropout: Dropout on expert hidden units (training only).
+        perceptron_logits: If a list, the raw perceptron logits of `forced_task` at each site are appended to it
+            (for the auxiliary loss).
+        selected: If a list, the (B, M') selected router indices of each site are appended (for analysis/tests).
+    """
+
+    top_routers: int
+    top_experts: int
+    forced_task: int | None = None
+    dropout: float = 0.0
+    perceptron_logits: list[Tensor] | None = None
+    selected: list[Tensor] | None = field(default=None)
+
+
+def _normalize(x: Tensor) -> Tensor:
+    return F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
+
+
+def _record(options: RoutingOptions, logits: Tensor, selected: Tensor, num_classes: int | None) -> None:
+    if options.perceptron_logits is not None and options.forced_task is not None and num_classes is not None:
+        options.perceptron_logits.append(logits[:, options.forced_task, :num_classes])
+    if options.selected is not None:
+        options.selected.append(selected)
+
+
+def fast_moe(
+    tokens: Tensor,
+    routing: Tensor,
+    experts: FoldedAdapters,
+    perceptrons: FoldedPerceptrons,
+    shared: FoldedAdapters,
+    site: int,
+    routers: RouterSource,
+    options: RoutingOptions,
+    forced_classes: int | None = None,
+) -> Tensor:
+    """BR-MoE delta at one site, computing only the selected experts on all tokens.
+
+    Args:
+        tokens: (B, N, d) the site's input z_a.
+        routing: (B, d) its CLS token (ViT) or spatial mean (CNN).
+        experts, perceptrons, shared: folded tensors of the T tasks at this site.
+        site: Site index (to pick routers' weights).
+        routers: Router source.
+        options: Routing options.
+        forced_classes: Class count of the forced task (to slice its perceptron logits).
+
+    Returns:
+        (B, N, d) delta to add to the residual stream.
+    """
+    num_tasks, bottleneck, _ = experts.down_weight.shape
+    batch = tokens.shape[0]
+    training = options.dropout > 0.0
+
+    # Level 1 on the CLS/pooled vector only: every expert (one GEMM) and every perceptron.
+    cls_hidden = F.relu(
+        _normalize(routing) @ experts.down_weight.reshape(num_tasks * bottleneck, -1).T + experts.down_bias.reshape(-1)
+    )
+    cls_hidden = F.dropout(cls_hidden, options.dropout, training).reshape(batch, num_tasks, bottleneck)
+    routing_inputs = torch.einsum("btr,tdr->btd", cls_hidden, experts.up_weight) + experts.up_bias  # c_t
+    logits = torch.einsum("btd,tnd->btn", _normalize(routing_inputs), perceptrons.weight) + perceptrons.bias
+    selected = select_routers(entropy(logits), options.top_routers, options.forced_task)
+    _record(options, logits, selected, forced_classes)
+
+    # Level 2: top-K experts per selected router.
+    gate_logits = router_logits(routing_inputs, selected, num_tasks, site, routers)
+    indices, weights = sparse_gates(gate_logits, options.top_experts)  # (B, S)
+
+    # Gather the selected experts per sample, append E_bar, and run them on all tokens with two batched matmuls.
+    slots = indices.shape[1]
+    down = torch.cat(
+        [
+            experts.down_weight[indices].reshape(batch, slots * bottleneck, -1),
+            shared.down_weight.expand(batch, -1, -1),
+        ],
+        dim=1,
+    )  # (B, S*r + r_s, d)
+    down_bias = torch.cat([experts.down_bias[indices].reshape(batch, -1), shared.down_bias.expand(batch, -1)], dim=1)
+    up_selected = experts.up_weight[indices] * weights[:, :, None, None]  # (B, S, d, r), gate folded in
+    up = torch.cat(
+        [
+            up_selected.permute(0, 2, 1, 3).reshape(batch, -1, slots * bottleneck),
+            shared.up_weight.expand(batch, -1, -1),
+        ],
+        dim=2,
+    )  # (B, d, S*r + r_s)
+    up_bias = (experts.up_bias[indices] * weights[:, :, None]).sum(dim=1) + shared.up_bias.reshape(1, -1)
+
+    hidden = F.relu(torch.baddbmm(down_bias[:, None, :], _normalize(tokens), down.transpose(1, 2)))
+    hidden = F.dropout(hidden, options.dropout, training)
+    return torch.baddbmm(up_bias[:, None, :], hidden, up.transpose(1, 2))
+
+
+def _apply_adapter(stack: AdapterStack, index: int, x: Tensor) -> Tensor:
+    """Adapter `index` of a raw stack on x (..., d), exactly as the module computes it (eval mode)."""
+    normed = F.layer_norm(x, x.shape[-1:], stack.norm_weight[index], stack.norm_bias[index], LAYER_NORM_EPS)
+    hidden = F.relu(F.linear(normed, stack.down_weight[index], stack.down_bias[index]))
+    return stack.scale[index] * F.linear(hidden, stack.up_weight[index], stack.up_bias[index])
+
+
+def reference_moe(
+    tokens: Tensor,
+    routing: Tensor,
+    experts: AdapterStack,
+    perceptrons: PerceptronStack,
+    shared: AdapterStack,
+    site: int,
+    routers: RouterSource,
+    options: RoutingOptions,
+) -> Tensor:
+    """BR-MoE delta at one site, term by term as in CaRE eqs. 3-7 (inference only): every expert on every token."""
+    num_tasks = experts.count
+    outputs = torch.stack([_apply_adapter(experts, t, tokens) for t in range(num_tasks)], dim=1)  # (B, T, N, d)
+    routing_inputs = torch.stack([_apply_adapter(experts, t, routing) for t in range(num_tasks)], dim=1)
+    logits = torch.full((tokens.shape[0], num_tasks, max(perceptrons.num_classes)), float("-inf"), device=tokens.device)
+    for t, classes in enumerate(perceptrons.num_classes):
+        normed = F.layer_norm(
+            routing_inputs[:, t],
+            routing.shape[-1:],
+            perceptrons.norm_weight[t],
+            perceptrons.norm_bias[t],
+            LAYER_NORM_EPS,
+        )
+        logits[:, t, :classes] = F.linear(normed, perceptrons.weight[t, :classes], perceptrons.bias[t, :classes])
+    selected = select_routers(entropy(logits), options.top_routers)
+    _record(options, logits, selected, None)
+    gates = dense_gates(router_logits(routing_inputs, selected, num_tasks, site, routers), options.top_experts)
+    mixed = torch.einsum("bt,btnd->bnd", gates, outputs)
+    return mixed + _apply_adapter(shared, 0, tokens)

@@ -1,0 +1,58 @@
+"""Random task weights, for tests and benchmarks that need many tasks without training them.
+
+Trained adapters start with a zero output scale; random ones here get non-zero scales and perceptrons with
+spread-out logits so that routing decisions are real (not ties) and every expert changes the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from model.adapter import Adapter, TaskModules, adapters, shared_experts
+from model.config import ModelConfig
+
+
+def _randomize_adapter(adapter: Adapter, generator: torch.Generator, scale: float) -> None:
+    with torch.no_grad():
+        for param in (adapter.down.weight, adapter.up.weight):
+            param.normal_(0.0, 1.0 / param.shape[1] ** 0.5, generator=generator)
+        for param in (adapter.down.bias, adapter.up.bias, adapter.norm.bias):
+            param.normal_(0.0, 0.1, generator=generator)
+        adapter.norm.weight.normal_(1.0, 0.1, generator=generator)
+        adapter.scale.normal_(0.0, scale, generator=generator)
+
+
+def random_task(
+    config: ModelConfig,
+    site_dims: Sequence[int],
+    task_index: int,
+    num_classes: int,
+    generator: torch.Generator,
+    expert_scale: float = 0.2,
+) -> TaskModules:
+    """A task with random (non-trivial) experts, perceptrons and routers."""
+    task = TaskModules(list(site_dims), config.expert_dim, config.expert_dropout, num_classes, task_index)
+    with torch.no_grad():
+        for site in range(task.num_sites):
+            perceptron, router = task.perceptron(site), task.router(site)
+            _randomize_adapter(task.expert(site), generator, expert_scale)
+            perceptron.norm.weight.normal_(1.0, 0.2, generator=generator)
+            perceptron.norm.bias.normal_(0.0, 0.1, generator=generator)
+            perceptron.linear.weight.normal_(0.0, 1.0 / perceptron.linear.weight.shape[1] ** 0.5, generator=generator)
+            perceptron.linear.bias.normal_(0.0, 0.5, generator=generator)
+            router.weight.normal_(0.0, 1.0, generator=generator)
+            router.bias.normal_(0.0, 0.5, generator=generator)
+    return task.eval()
+
+
+def random_shared(
+    config: ModelConfig, site_dims: Sequence[int], generator: torch.Generator, expert_scale: float = 0.2
+) -> nn.ModuleList:
+    """E_bar of every site with random weights."""
+    shared = shared_experts(list(site_dims), config.shared_dim, config.expert_dropout)
+    for adapter in adapters(shared):
+        _randomize_adapter(adapter, generator, expert_scale)
+    return shared.eval()
