@@ -1,1 +1,69 @@
-"""care-serve registry package."""
+"""care-serve registry: immutable, numbered versions of safetensors files described by JSON manifests.
+
+Generic on purpose: it stores tensors and manifests and knows nothing of the model or the HTTP service.
+"""
+
+from registry.backend import FileStat, LocalDirectoryBackend, StagedFile, StorageBackend
+from registry.errors import (
+    ArtifactExists,
+    ArtifactNotFound,
+    CorruptArtifact,
+    IncompatibleArtifact,
+    InvalidPath,
+    LockTimeout,
+    PublishConflict,
+    RegistryError,
+    TensorNotFound,
+    UnsupportedSchema,
+    VersionNotFound,
+)
+from registry.hashing import HashCache, config_fingerprint, sha256_file
+from registry.manifest import (
+    SCHEMA_VERSION,
+    FileRecord,
+    Manifest,
+    TaskRecord,
+    TrainerStateRecord,
+    check_compatible,
+    parse_manifest,
+)
+from registry.paths import task_file_path, validate_relpath, version_file_path
+from registry.store import Registry
+from registry.tensors import KeySelection, TensorFile
+from registry.watch import VersionSource, VersionWatcher
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ArtifactExists",
+    "ArtifactNotFound",
+    "CorruptArtifact",
+    "FileRecord",
+    "FileStat",
+    "HashCache",
+    "IncompatibleArtifact",
+    "InvalidPath",
+    "KeySelection",
+    "LocalDirectoryBackend",
+    "LockTimeout",
+    "Manifest",
+    "PublishConflict",
+    "Registry",
+    "RegistryError",
+    "StagedFile",
+    "StorageBackend",
+    "TaskRecord",
+    "TensorFile",
+    "TensorNotFound",
+    "TrainerStateRecord",
+    "UnsupportedSchema",
+    "VersionNotFound",
+    "VersionSource",
+    "VersionWatcher",
+    "check_compatible",
+    "config_fingerprint",
+    "parse_manifest",
+    "sha256_file",
+    "task_file_path",
+    "validate_relpath",
+    "version_file_path",
+]

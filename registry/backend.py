@@ -1,0 +1,218 @@
+"""Storage backends: where the registry's bytes live.
+
+The registry only talks to the small :class:`StorageBackend` interface, so a shared object store (with a lease or
+a conditional put as its lock) can later replace the local directory without touching the registry's logic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from registry.errors import LockTimeout
+from registry.paths import LOCK_FILE, validate_relpath
+
+__all__ = ["FileStat", "LocalDirectoryBackend", "StagedFile", "StorageBackend"]
+
+logger = logging.getLogger(__name__)
+
+_LOCK_POLL_S = 0.01
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """Size and modification time of a stored file."""
+
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A fully written, fsynced file that is not visible under its final name yet.
+
+    Attributes:
+        relpath: The name it will be published under.
+        temp_path: Where its bytes are now (a dot file in the final directory).
+    """
+
+    relpath: str
+    temp_path: Path
+
+
+@runtime_checkable
+class StorageBackend(Protocol):
+    """What the registry needs from a store of files."""
+
+    def read_bytes(self, relpath: str) -> bytes:
+        """Return a file's content; raise FileNotFoundError when it does not exist."""
+        ...
+
+    def stat(self, relpath: str) -> FileStat | None:
+        """Return a file's size and mtime, or None when it does not exist."""
+        ...
+
+    def local_path(self, relpath: str) -> Path:
+        """Return a local path to the file, for memory-mapping and hashing."""
+        ...
+
+    def list_dir(self, directory: str) -> list[str]:
+        """Return the relative paths of the published (non-hidden) files directly inside ``directory``."""
+        ...
+
+    def stage(self, relpath: str, write: Callable[[Path], object]) -> StagedFile:
+        """Have ``write`` fill a temporary file beside ``relpath``, make it durable, and return it unpublished."""
+        ...
+
+    def commit(self, staged: StagedFile) -> None:
+        """Atomically publish a staged file under its final name (replacing any file of that name) durably."""
+        ...
+
+    def discard(self, staged: StagedFile) -> None:
+        """Remove a staged file that will not be published."""
+        ...
+
+    def lock(self, timeout_s: float) -> contextlib.AbstractContextManager[None]:
+        """Exclusive lock across processes for the duration of a ``with`` block; raise LockTimeout."""
+        ...
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalDirectoryBackend:
+    """A registry stored in a local (or POSIX network) directory.
+
+    Writes follow temp file -> flush + fsync -> ``os.replace`` -> fsync of the directory, so after a crash a name
+    holds either its old content or its complete new content. The lock is an ``fcntl.flock`` on ``<root>/.lock``.
+
+    Args:
+        root: The registry directory; created (with parents) when missing.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"LocalDirectoryBackend({str(self.root)!r})"
+
+    def _resolve(self, relpath: str) -> Path:
+        return self.root / validate_relpath(relpath, allow_reserved=True)
+
+    def read_bytes(self, relpath: str) -> bytes:
+        """Return a file's content; raise FileNotFoundError when it does not exist."""
+        return self._resolve(relpath).read_bytes()
+
+    def stat(self, relpath: str) -> FileStat | None:
+        """Return a file's size and mtime, or None when it does not exist."""
+        try:
+            st = os.stat(self._resolve(relpath))
+        except FileNotFoundError:
+            return None
+        return FileStat(size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+    def local_path(self, relpath: str) -> Path:
+        """Return the file's path on this machine."""
+        return self._resolve(relpath)
+
+    def list_dir(self, directory: str) -> list[str]:
+        """Return the relative paths of the non-hidden regular files directly inside ``directory``, sorted."""
+        path = self._resolve(directory)
+        try:
+            entries = sorted(os.scandir(path), key=lambda entry: entry.name)
+        except FileNotFoundError:
+            return []
+        return [f"{directory}/{e.name}" for e in entries if not e.name.startswith(".") and e.is_file()]
+
+    def _make_dirs(self, directory: Path) -> None:
+        # Create missing directories one level at a time and fsync each parent, so the new directory entries
+        # survive a crash together with the files published inside them.
+        missing: list[Path] = []
+        current = directory
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        for path in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                path.mkdir()
+            _fsync_dir(path.parent)
+
+    def stage(self, relpath: str, write: Callable[[Path], object]) -> StagedFile:
+        """Have ``write`` fill a temporary dot file beside ``relpath``, fsync it, and return it unpublished.
+
+        Raises:
+            Exception: Whatever ``write`` raises; the temporary file is removed first.
+        """
+        final = self._resolve(relpath)
+        self._make_dirs(final.parent)
+        temp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            write(temp)
+            # The writer may have closed the file without fsync (safetensors does); reopen to make it durable.
+            fd = os.open(temp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return StagedFile(relpath=relpath, temp_path=temp)
+
+    def commit(self, staged: StagedFile) -> None:
+        """Rename a staged file onto its final name and fsync the directory."""
+        final = self._resolve(staged.relpath)
+        os.replace(staged.temp_path, final)
+        _fsync_dir(final.parent)
+
+    def discard(self, staged: StagedFile) -> None:
+        """Remove a staged file (no error when it is already gone)."""
+        staged.temp_path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def lock(self, timeout_s: float) -> Iterator[None]:
+        """Hold an exclusive ``flock`` on ``<root>/.lock`` for the ``with`` block.
+
+        Each call opens its own file description, so the lock also excludes other threads and other
+        :class:`LocalDirectoryBackend` instances of the same process, not only other processes.
+
+        Raises:
+            LockTimeout: Another publisher held the lock for more than ``timeout_s`` seconds.
+        """
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                        raise
+                if time.monotonic() >= deadline:
+                    raise LockTimeout(
+                        f"could not take the publish lock {self.root / LOCK_FILE} within {timeout_s:g}s: another "
+                        "publisher holds it; wait for it to finish, or stop the stuck process that holds it"
+                    )
+                time.sleep(_LOCK_POLL_S)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
