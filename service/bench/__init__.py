@@ -1,0 +1,1 @@
+"""Benchmark support: offline datasets and class-incremental task streams (see :mod:`service.bench.datasets`)."""
