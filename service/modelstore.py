@@ -1,0 +1,273 @@
+"""The registry in the model's terms: publishing learned tasks and reading them back.
+
+`model/` knows tensors and modules, `registry/` knows files and manifests; this module is where the two meet
+(the import contract keeps them apart). Layout of one version's files:
+
+    tasks/{index:04d}-{task_id}/experts.safetensors   experts + perceptrons of a task   (resident when served)
+    tasks/{index:04d}-{task_id}/routers.safetensors   routers of a task                  (loaded through the cache)
+    versions/{first:06d}/shared.safetensors           E_bar, written with version 1 and reused
+    versions/{version:06d}/classifier.safetensors     the cosine classifier as of this version
+    trainer/{version:06d}.safetensors                 per-class statistics (trainer only)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from model import artifacts
+from model.alignment import ClassStatistics
+from model.backbone import SiteBackbone
+from model.bank import ExpertBank
+from model.config import ModelConfig
+from model.routers import TaskRouters
+from model.trainer import LearnedTask, Lineage
+from registry import Manifest, Registry, TaskRecord, check_compatible, task_file_path, version_file_path
+from service.router_cache import TieredLRUCache
+
+logger = logging.getLogger(__name__)
+
+ROLE_EXPERTS = "experts"
+ROLE_ROUTERS = "routers"
+ROLE_SHARED = "shared"
+ROLE_CLASSIFIER = "classifier"
+
+RouterCache = TieredLRUCache[str, TaskRouters]
+
+
+def router_bytes(routers: TaskRouters) -> int:
+    """Bytes a task's routers occupy (every site)."""
+    return sum(w.numel() * w.element_size() + b.numel() * b.element_size() for w, b in routers)
+
+
+def new_router_cache(
+    device: torch.device,
+    device_capacity_bytes: int | None,
+    host_capacity_bytes: int = 0,
+    **hooks: Any,
+) -> RouterCache:
+    """A router cache that keeps its device tier on `device` and its host tier in (pinned, on CUDA) host memory."""
+
+    def to_device(routers: TaskRouters) -> TaskRouters:
+        # clone() so a CPU "device" tier owns its memory: tensors read from the registry are memory-mapped file
+        # pages, which the cap would not account for.
+        return [(w.to(device).clone(), b.to(device).clone()) for w, b in routers]
+
+    def to_host(routers: TaskRouters) -> TaskRouters:
+        if device.type == "cuda":
+            return [(w.cpu().pin_memory(), b.cpu().pin_memory()) for w, b in routers]
+        return routers
+
+    return TieredLRUCache(
+        size_of=router_bytes,
+        device_capacity_bytes=device_capacity_bytes,
+        host_capacity_bytes=host_capacity_bytes,
+        to_device=to_device,
+        to_host=to_host,
+        **hooks,
+    )
+
+
+class CachedRouters:
+    """A `RouterSource` over one version's tasks, reading routers through the shared cache.
+
+    The cache key is the routers file's sha256, so a task's routers stay cached across versions (files are
+    immutable and reused by every later version).
+    """
+
+    def __init__(self, registry: Registry, manifest: Manifest, site_dims: list[int], cache: RouterCache) -> None:
+        self._registry = registry
+        self._site_dims = site_dims
+        self._cache = cache
+        self._entries = [
+            (manifest.files[task.files[ROLE_ROUTERS]].sha256, task.files[ROLE_ROUTERS]) for task in manifest.tasks
+        ]
+
+    def hold(self, task: int) -> AbstractContextManager[TaskRouters]:
+        key, path = self._entries[task]
+        return self._cache.hold(key, lambda: self._load(task, path))
+
+    def _load(self, task: int, path: str) -> TaskRouters:
+        tensors = self._registry.open_tensors(path)
+        return artifacts.routers_from_tensors(tensors, task, self._site_dims, path)
+
+    def total_bytes(self) -> int:
+        """Bytes of every task's routers in float32: what an uncapped cache would hold (task t: t x (d + 1) a site)."""
+        return sum((task + 1) * (dim + 1) * 4 for task in range(len(self._entries)) for dim in self._site_dims)
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """A learned task and the names it is published under."""
+
+    learned: LearnedTask
+    task_id: str
+    classes: list[str]
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadedTasks:
+    """The resident tensors of a version: the bank (on device) and the classifier."""
+
+    bank: ExpertBank
+    classifier: Tensor
+
+
+class ModelStore:
+    """Publishes learned tasks to a registry and reads versions back as model objects.
+
+    Args:
+        registry: The registry.
+        config: The running model configuration; versions made under another one are refused.
+        backbone: The running backbone (for site dimensions and the feature size).
+        device: Where resident tensors go.
+    """
+
+    def __init__(self, registry: Registry, config: ModelConfig, backbone: SiteBackbone, device: torch.device) -> None:
+        self.registry = registry
+        self.config = config
+        self.backbone = backbone
+        self.device = device
+        self.site_dims = list(backbone.site_dims)
+
+    def check(self, manifest: Manifest) -> None:
+        """Refuse a version made for another backbone or configuration."""
+        check_compatible(manifest, backbone=self.config.backbone, model_config=self.config.to_dict())
+
+    def _metadata(self, kind: str, **extra: str | int) -> dict[str, str]:
+        return artifacts.metadata(self.config, kind, self.site_dims, **extra)
+
+    def publish(
+        self, parent: Manifest | None, new_tasks: Sequence[NewTask], extra: Mapping[str, Any] | None = None
+    ) -> Manifest:
+        """Publish the version that adds `new_tasks` (in order) on top of `parent` (None before the first task).
+
+        The service publishes one task per version; benchmarks publish many at once. The classifier and the
+        trainer state are the last task's (they cover every class).
+        """
+        if not new_tasks:
+            raise ValueError("nothing to publish")
+        version = 1 if parent is None else parent.version + 1
+        last = new_tasks[-1].learned
+        classifier_path = version_file_path(version, ROLE_CLASSIFIER)
+        new_files: dict[str, tuple[Mapping[str, Tensor], Mapping[str, str]]] = {
+            classifier_path: (
+                artifacts.classifier_tensors(last.classifier),
+                self._metadata(artifacts.KIND_CLASSIFIER, num_classes=int(last.classifier.shape[0])),
+            )
+        }
+        if parent is None:
+            shared = new_tasks[0].learned.shared
+            if shared is None:
+                raise ValueError("the first version needs the shared expert trained with the first task")
+            shared_path = version_file_path(version, ROLE_SHARED)
+            new_files[shared_path] = (artifacts.shared_tensors(shared), self._metadata(artifacts.KIND_SHARED))
+            tasks: list[TaskRecord] = []
+        else:
+            shared_path = parent.version_files[ROLE_SHARED]
+            tasks = list(parent.tasks)
+        for new in new_tasks:
+            index = new.learned.index
+            if index != len(tasks):
+                raise ValueError(f"task {new.task_id} was learned as task {index}, but it would be task {len(tasks)}")
+            experts_path = task_file_path(index, new.task_id, ROLE_EXPERTS)
+            routers_path = task_file_path(index, new.task_id, ROLE_ROUTERS)
+            new_files[experts_path] = (
+                artifacts.task_expert_tensors(new.learned.task),
+                self._metadata(artifacts.KIND_TASK_EXPERTS, task_index=index, num_classes=len(new.classes)),
+            )
+            new_files[routers_path] = (
+                artifacts.task_router_tensors(new.learned.task),
+                self._metadata(artifacts.KIND_TASK_ROUTERS, task_index=index),
+            )
+            tasks.append(
+                TaskRecord(
+                    task_id=new.task_id,
+                    name=new.name,
+                    classes=tuple(new.classes),
+                    files={ROLE_EXPERTS: experts_path, ROLE_ROUTERS: routers_path},
+                )
+            )
+        return self.registry.publish(
+            parent=None if parent is None else parent.version,
+            backbone=self.config.backbone,
+            model_config=self.config.to_dict(),
+            tasks=tasks,
+            new_files=new_files,
+            version_files={ROLE_SHARED: shared_path, ROLE_CLASSIFIER: classifier_path},
+            trainer_state=artifacts.trainer_state_tensors(last.statistics.to_tensors()),
+            extra=dict(extra or {}),
+        )
+
+    def _read(self, path: str, kind: str) -> dict[str, Tensor]:
+        artifacts.check_metadata(self.registry.read_metadata(path), self.config, kind, path)
+        return self.registry.open_tensors(path)
+
+    def load_tasks(self, manifest: Manifest, previous: tuple[Manifest, LoadedTasks] | None = None) -> LoadedTasks:
+        """Verify a version's files and build its resident tensors.
+
+        When `previous` holds a loaded version whose tasks are a prefix of this one's, only the new tasks are read
+        and appended to its bank (hot-loading one more task does not re-read hundreds of files).
+        """
+        self.check(manifest)
+        self.registry.verify(manifest)
+        classifier_path = manifest.version_files[ROLE_CLASSIFIER]
+        num_classes = sum(len(t.classes) for t in manifest.tasks)
+        classifier = artifacts.classifier_from_tensors(
+            self._read(classifier_path, artifacts.KIND_CLASSIFIER),
+            num_classes,
+            self.backbone.feature_dim,
+            classifier_path,
+        ).to(self.device)
+        start, bank = 0, None
+        if previous is not None:
+            old_manifest, old_tasks = previous
+            same_shared = old_manifest.version_files[ROLE_SHARED] == manifest.version_files[ROLE_SHARED]
+            if same_shared and manifest.tasks[: len(old_manifest.tasks)] == old_manifest.tasks:
+                start, bank = len(old_manifest.tasks), old_tasks.bank
+        if bank is None:
+            shared_path = manifest.version_files[ROLE_SHARED]
+            shared = self._read(shared_path, artifacts.KIND_SHARED)
+            bank = artifacts.empty_bank(shared, self.config, self.site_dims, shared_path).to(self.device)
+        for index in range(start, len(manifest.tasks)):
+            task = manifest.tasks[index]
+            path = task.files[ROLE_EXPERTS]
+            tensors = self._read(path, artifacts.KIND_TASK_EXPERTS)
+            experts, perceptrons = artifacts.task_stacks_from_tensors(
+                tensors, self.config, self.site_dims, len(task.classes), path
+            )
+            bank = bank.append([e.to(self.device) for e in experts], [p.to(self.device) for p in perceptrons])
+        return LoadedTasks(bank, classifier)
+
+    def load_statistics(self, manifest: Manifest) -> ClassStatistics:
+        """The trainer's per-class statistics as of `manifest` (trainer only)."""
+        state = self.registry.load_trainer_state(manifest.version)
+        if state is None:
+            raise ValueError(f"version {manifest.version} has no trainer state; it cannot be continued by a trainer")
+        return ClassStatistics.from_tensors(artifacts.trainer_state_from_tensors(state.tensors))
+
+    def load_lineage(self, manifest: Manifest | None, cache: RouterCache) -> Lineage:
+        """What the trainer needs to learn the task after `manifest` (None: before the first task)."""
+        if manifest is None:
+            return Lineage.empty(self.backbone.feature_dim)
+        loaded = self.load_tasks(manifest)
+        return Lineage(
+            bank=loaded.bank,
+            routers=CachedRouters(self.registry, manifest, self.site_dims, cache),
+            classifier=loaded.classifier,
+            statistics=self.load_statistics(manifest),
+        )
+
+
+def iter_labels(manifest: Manifest) -> Iterator[tuple[str, str]]:
+    """(label, task_id) of every class of a version, in classifier order."""
+    for task in manifest.tasks:
+        for label in task.classes:
+            yield label, task.task_id

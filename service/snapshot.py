@@ -1,0 +1,155 @@
+"""The served model: one immutable, numbered version, and how the next one is built beside it.
+
+Serving holds a reference to the current `ServedModel`; a new version is loaded in the background (only its new
+files are read: the resident tensors of earlier tasks are reused) and swapped in with one assignment, so a batch
+runs entirely on one version and no request fails during the swap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from model.classifier import class_probabilities
+from model.network import CareModel
+from registry import Manifest
+from service.modelstore import CachedRouters, LoadedTasks, ModelStore, RouterCache, iter_labels
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One class of one image's top-k."""
+
+    label: str
+    score: float
+    task_id: str
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One version as served. `model` is None while nothing has been learned (version None)."""
+
+    version: int | None
+    manifest: Manifest | None
+    model: CareModel | None
+    routers: CachedRouters | None
+    labels: tuple[str, ...]
+    task_ids: tuple[str, ...]
+    loaded: LoadedTasks | None
+
+    @property
+    def num_tasks(self) -> int:
+        return 0 if self.manifest is None else len(self.manifest.tasks)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def probabilities(self, images: Tensor) -> Tensor:
+        """(B, C) probabilities over every learned class for preprocessed images (B, 3, H, W)."""
+        if self.model is None or self.routers is None:
+            raise RuntimeError("no classes have been learned yet")
+        with torch.inference_mode():
+            logits = self.model.logits(images, self.routers)
+            return class_probabilities(logits, self.model.config.cosine_scale)
+
+    def top(self, probabilities: Tensor, top_k: int) -> list[list[Prediction]]:
+        """The `top_k` classes of each row, best first."""
+        values, indices = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
+        return [
+            [Prediction(self.labels[i], float(v), self.task_ids[i]) for v, i in zip(row_v, row_i, strict=True)]
+            for row_v, row_i in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
+
+
+def empty_model() -> ServedModel:
+    return ServedModel(None, None, None, None, (), (), None)
+
+
+class SnapshotLoader:
+    """Builds `ServedModel`s from registry versions, reusing what the previous one already holds."""
+
+    def __init__(self, store: ModelStore, cache: RouterCache) -> None:
+        self.store = store
+        self.cache = cache
+
+    def load(self, manifest: Manifest, previous: ServedModel | None) -> ServedModel:
+        """Verify and load `manifest`; raises (and changes nothing) if any of its files is bad."""
+        reuse = None
+        if previous is not None and previous.manifest is not None and previous.loaded is not None:
+            reuse = (previous.manifest, previous.loaded)
+        loaded = self.store.load_tasks(manifest, reuse)
+        model = CareModel(self.store.config, self.store.backbone, loaded.bank, loaded.classifier)
+        routers = CachedRouters(self.store.registry, manifest, self.store.site_dims, self.cache)
+        pairs = list(iter_labels(manifest))
+        return ServedModel(
+            version=manifest.version,
+            manifest=manifest,
+            model=model,
+            routers=routers,
+            labels=tuple(label for label, _ in pairs),
+            task_ids=tuple(task_id for _, task_id in pairs),
+            loaded=loaded,
+        )
+
+
+class CurrentModel:
+    """Holds the served version and swaps in newer ones; the swap is one reference assignment.
+
+    Args:
+        loader: Builds versions.
+        on_swap: Called with the new model after each successful swap (metrics, logs).
+        on_failure: Called with (version, error) when a version cannot be loaded; serving keeps the last good one.
+    """
+
+    def __init__(
+        self,
+        loader: SnapshotLoader,
+        on_swap: Callable[[ServedModel], None] | None = None,
+        on_failure: Callable[[int, Exception], None] | None = None,
+    ) -> None:
+        self.loader = loader
+        self.model = empty_model()
+        self._on_swap = on_swap
+        self._on_failure = on_failure
+        self._lock = threading.Lock()  # one load at a time; readers never take it
+        self._refused: set[int] = set()
+
+    def update_to(self, version: int | None) -> bool:
+        """Load and serve `version` if it is newer than the served one; returns whether a swap happened."""
+        if version is None:
+            return False
+        with self._lock:
+            current = self.model
+            if (current.version is not None and version <= current.version) or version in self._refused:
+                return False
+            started = time.perf_counter()
+            try:
+                manifest = self.loader.store.registry.load_manifest(version)
+                candidate = self.loader.load(manifest, current)
+            except Exception as exc:
+                # A bad version is refused once; the next published version is tried afresh.
+                self._refused.add(version)
+                logger.error("version %d refused, still serving version %s: %s", version, current.version, exc)
+                if self._on_failure is not None:
+                    self._on_failure(version, exc)
+                return False
+            self.model = candidate
+            logger.info(
+                "serving version %d (%d tasks, %d classes), loaded in %.3fs",
+                version,
+                candidate.num_tasks,
+                candidate.num_classes,
+                time.perf_counter() - started,
+            )
+        if self._on_swap is not None:
+            self._on_swap(candidate)
+        return True
