@@ -18,7 +18,7 @@ for another backbone or configuration are refused with a message that says what 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -108,7 +108,7 @@ def task_router_tensors(task: TaskModules) -> dict[str, Tensor]:
     return tensors
 
 
-def shared_tensors(shared: Sequence[nn.Module]) -> dict[str, Tensor]:
+def shared_tensors(shared: Iterable[nn.Module]) -> dict[str, Tensor]:
     """E_bar of every site."""
     tensors: dict[str, Tensor] = {}
     for site, adapter in enumerate(shared):

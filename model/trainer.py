@@ -84,6 +84,11 @@ class Lineage:
     def empty(cls, feature_dim: int) -> Lineage:
         return cls(None, ResidentRouters(), torch.empty(0, feature_dim), None)
 
+    def to(self, device: torch.device | str) -> Lineage:
+        """The lineage with its resident tensors on `device` (routers stay wherever their source keeps them)."""
+        bank = None if self.bank is None else self.bank.to(device)
+        return Lineage(bank, self.routers, self.classifier.to(device), self.statistics)
+
 
 @dataclass(frozen=True)
 class LearnedTask:

@@ -253,11 +253,16 @@ class ModelStore:
             raise ValueError(f"version {manifest.version} has no trainer state; it cannot be continued by a trainer")
         return ClassStatistics.from_tensors(artifacts.trainer_state_from_tensors(state.tensors))
 
-    def load_lineage(self, manifest: Manifest | None, cache: RouterCache) -> Lineage:
+    def load_lineage(
+        self,
+        manifest: Manifest | None,
+        cache: RouterCache,
+        previous: tuple[Manifest, LoadedTasks] | None = None,
+    ) -> Lineage:
         """What the trainer needs to learn the task after `manifest` (None: before the first task)."""
         if manifest is None:
-            return Lineage.empty(self.backbone.feature_dim)
-        loaded = self.load_tasks(manifest)
+            return Lineage.empty(self.backbone.feature_dim).to(self.device)
+        loaded = self.load_tasks(manifest, previous)
         return Lineage(
             bank=loaded.bank,
             routers=CachedRouters(self.registry, manifest, self.site_dims, cache),

@@ -1,0 +1,1 @@
+"""HTTP routes: thin functions that validate, make one call, and map the result to a schema."""

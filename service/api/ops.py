@@ -1,0 +1,62 @@
+"""Operating endpoints: /healthz, /readyz, /model, /metrics."""
+
+from __future__ import annotations
+
+import anyio
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api.deps import StateDep
+from service.errors import ApiError
+from service.schemas import ModelPublic, RouterCachePublic
+
+router = APIRouter()
+
+
+@router.get("/healthz", summary="Liveness: 200 while the process is alive")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: backbone loaded and warmed up, registry readable")
+async def readyz(state: StateDep) -> dict[str, object]:
+    if not state.ready.is_set():
+        raise ApiError(503, "not_ready", "the model is still loading", headers={"Retry-After": "2"})
+    try:
+        await anyio.to_thread.run_sync(state.registry.current_version)
+    except Exception as exc:
+        raise ApiError(
+            503, "registry_unreadable", f"the registry cannot be read: {exc}", headers={"Retry-After": "5"}
+        ) from exc
+    return {"status": "ready", "model_version": state.served().version}
+
+
+@router.get("/model", response_model=ModelPublic, summary="The served version and the router cache")
+async def model(state: StateDep) -> ModelPublic:
+    served = state.served()
+    stats = state.cache.stats()
+    return ModelPublic(
+        model_version=served.version,
+        backbone=state.config.backbone,
+        num_tasks=served.num_tasks,
+        num_classes=served.num_classes,
+        router_cache=RouterCachePublic(
+            capacity_bytes=stats.device.capacity_bytes,
+            resident_bytes=stats.device.resident_bytes,
+            resident_routers=stats.device.entries,
+            hits=stats.hits,
+            misses=stats.misses,
+            evictions=stats.device.evictions,
+            host={
+                "capacity_bytes": stats.host.capacity_bytes,
+                "resident_bytes": stats.host.resident_bytes,
+                "resident_routers": stats.host.entries,
+            },
+        ),
+    )
+
+
+@router.get("/metrics", summary="Prometheus text exposition")
+async def metrics(state: StateDep) -> Response:
+    body = await anyio.to_thread.run_sync(generate_latest, state.metrics.registry)
+    return Response(content=body, media_type=CONTENT_TYPE_LATEST)

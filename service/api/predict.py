@@ -1,0 +1,57 @@
+"""POST /predict: classify images over every class learned so far."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+from fastapi import APIRouter, Depends, Query, Request
+
+from service.api.deps import StateDep, require_api_key
+from service.errors import ApiError
+from service.schemas import ImagePrediction, PredictResponse, ScoredLabel
+from service.uploads import read_predict_images
+
+router = APIRouter()
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    dependencies=[Depends(require_api_key)],
+    summary="Classify images over all learned classes",
+)
+async def predict(
+    request: Request, state: StateDep, top_k: int = Query(5, ge=1, le=100, description="Classes per image.")
+) -> PredictResponse:
+    """Multipart `images` parts, or one raw `image/*` body. Scores are probabilities over every learned class."""
+    if state.served().model is None:
+        raise ApiError(
+            503,
+            "no_classes",
+            "nothing has been learned yet: POST labelled images to /tasks first",
+            headers={"Retry-After": "5"},
+        )
+    files = await read_predict_images(request, state.limits)
+    images = await anyio.to_thread.run_sync(state.preprocess, files)
+    result = await state.batcher.submit(images)
+    assert result.model.version is not None
+    return PredictResponse(
+        model_version=result.model.version,
+        predictions=[
+            ImagePrediction(top=[ScoredLabel(label=p.label, score=p.score, task_id=p.task_id) for p in row])
+            for row in result.model.top(result.probabilities, top_k)
+        ],
+    )
+
+
+async def record_predict_metrics(request: Request, call_next):  # type: ignore[no-untyped-def]
+    """Middleware: count /predict answers by status and time them (errors included)."""
+    if request.url.path != "/predict":
+        return await call_next(request)
+    started = time.perf_counter()
+    response = await call_next(request)
+    metrics = request.app.state.care.metrics
+    metrics.predict_requests.labels(str(response.status_code)).inc()
+    metrics.predict_latency.observe(time.perf_counter() - started)
+    return response

@@ -1,0 +1,161 @@
+"""`care-serve bench model`: forward time per batch of the fast path, the reference path and the backbone alone.
+
+Random task weights (routers resident in memory) at several task counts; the three paths are timed side by side,
+interleaved within each repeat so that machine noise hits them alike, and medians are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from model import artifacts
+from model.backbone import SiteBackbone, build_backbone, bundled_weights_available
+from model.config import ModelConfig
+from model.network import CareModel
+from model.routers import ResidentRouters
+from model.synthetic import random_shared, random_task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelBenchRow:
+    backbone: str
+    tasks: int
+    batch: int
+    image_size: int
+    backbone_s: float
+    fast_s: float
+    reference_s: float | None
+
+    @property
+    def fast_over_backbone(self) -> float:
+        return self.fast_s / self.backbone_s
+
+
+def random_model(
+    config: ModelConfig, backbone: SiteBackbone, num_tasks: int, seed: int = 0
+) -> tuple[CareModel, ResidentRouters]:
+    """A CareModel of `num_tasks` random tasks (3 classes each) with its routers in memory."""
+    generator = torch.Generator().manual_seed(seed)
+    dims = backbone.site_dims
+    shared = artifacts.shared_tensors(random_shared(config, dims, generator))
+    experts, routers = [], []
+    for index in range(num_tasks):
+        task = random_task(config, dims, index, 3, generator)
+        experts.append((artifacts.task_expert_tensors(task), 3))
+        routers.append(artifacts.routers_from_tensors(artifacts.task_router_tensors(task), index, dims, "random"))
+    bank = artifacts.stack_tasks(shared, experts, config, dims)
+    classifier = torch.randn(3 * num_tasks, backbone.feature_dim, generator=generator)
+    return CareModel(config, backbone, bank, classifier), ResidentRouters(routers)
+
+
+def _time(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def bench_backbone(
+    name: str,
+    task_counts: Sequence[int],
+    batch: int,
+    image_size: int,
+    repeats: int,
+    reference_max_tasks: int,
+    progress: Callable[[str], None],
+) -> list[ModelBenchRow]:
+    """Median forward seconds per batch for each task count."""
+    config = ModelConfig(backbone=name, image_size=image_size)
+    backbone = build_backbone(config, "bundled" if bundled_weights_available(name) else "random")
+    images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for count in task_counts:
+        model, routers = random_model(config, backbone, count)
+        run_reference = count <= reference_max_tasks
+        with torch.inference_mode():
+            backbone.forward_plain(images)  # warm-up (allocator, kernels)
+            model.forward_features(images, routers, "fast")
+            times: dict[str, list[float]] = {"backbone": [], "fast": [], "reference": []}
+            paths: dict[str, Callable[[], object]] = {
+                "backbone": lambda: backbone.forward_plain(images),
+                "fast": lambda m=model, r=routers: m.forward_features(images, r, "fast"),  # type: ignore[misc]
+            }
+            if run_reference:
+                paths["reference"] = lambda m=model, r=routers: m.forward_features(images, r, "reference")  # type: ignore[misc]
+            for _ in range(repeats):
+                for path, run in paths.items():
+                    times[path].append(_time(run))
+        row = ModelBenchRow(
+            backbone=name,
+            tasks=count,
+            batch=batch,
+            image_size=image_size,
+            backbone_s=statistics.median(times["backbone"]),
+            fast_s=statistics.median(times["fast"]),
+            reference_s=statistics.median(times["reference"]) if run_reference else None,
+        )
+        progress(
+            f"{name} T={count}: backbone {row.backbone_s * 1e3:.1f} ms, fast {row.fast_s * 1e3:.1f} ms "
+            f"({row.fast_over_backbone:.2f}x), reference "
+            + (f"{row.reference_s * 1e3:.1f} ms" if row.reference_s is not None else "skipped")
+        )
+        rows.append(row)
+        del model, routers
+    return rows
+
+
+def write_report(rows: list[ModelBenchRow], out_dir: Path, meta: dict[str, object]) -> Path:
+    """JSON of the raw numbers plus a PNG of latency against the number of tasks; returns the JSON path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "model_bench.json"
+    path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({r.backbone for r in rows})
+    figure, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    for axis, name in zip(axes[0], names, strict=True):
+        mine = [r for r in rows if r.backbone == name]
+        tasks = [r.tasks for r in mine]
+        axis.plot(tasks, [r.backbone_s * 1e3 for r in mine], "k--", label="backbone alone")
+        axis.plot(tasks, [r.fast_s * 1e3 for r in mine], "o-", label="fast path")
+        ref = [(r.tasks, r.reference_s * 1e3) for r in mine if r.reference_s is not None]
+        if ref:
+            axis.plot(*zip(*ref, strict=True), "s-", label="reference path")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("tasks learned")
+        axis.set_ylabel(f"ms per batch of {mine[0].batch}")
+        axis.set_title(f"{name} ({mine[0].image_size}px)")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(out_dir / "model_bench.png", dpi=110)
+    plt.close(figure)
+    return path
+
+
+def markdown_table(rows: list[ModelBenchRow]) -> str:
+    lines = [
+        "| backbone | tasks | batch | backbone alone (ms) | fast (ms) | fast / backbone | reference (ms) "
+        "| reference / fast |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        reference = f"{r.reference_s * 1e3:.1f}" if r.reference_s is not None else "-"
+        ratio = f"{r.reference_s / r.fast_s:.1f}x" if r.reference_s is not None else "-"
+        lines.append(
+            f"| {r.backbone} | {r.tasks} | {r.batch} | {r.backbone_s * 1e3:.1f} | {r.fast_s * 1e3:.1f} | "
+            f"{r.fast_over_backbone:.2f}x | {reference} | {ratio} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""`care-serve`: the command line (serve, worker, bench)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from service.settings import Settings
+
+logger = logging.getLogger("care_serve")
+
+BenchCommand = Callable[[argparse.Namespace], int]
+
+
+def machine_description() -> dict[str, object]:
+    """What a benchmark ran on, recorded next to its numbers."""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"{len(__import__('os').sched_getaffinity(0))} CPUs available",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "command": "care-serve " + " ".join(sys.argv[1:]),
+    }
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
+def _bench_model(args: argparse.Namespace) -> int:
+    from service.bench.model_bench import bench_backbone, markdown_table, write_report
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.backbones.split(","):
+        size = args.image_size if args.image_size else 224
+        batch = args.batch_vit if "vit" in name else args.batch
+        rows += bench_backbone(name, args.tasks, batch, size, args.repeats, args.reference_max_tasks, logger.info)
+    path = write_report(rows, Path(args.out), machine_description())
+    print(markdown_table(rows))  # noqa: T201 - the table is the command's output
+    logger.info("raw numbers in %s, plot in %s", path, path.with_suffix(".png"))
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Settings from CARE_ variables, with the flags that were given on the command line winning."""
+    overrides = {name: getattr(args, name) for name in ("host", "port", "data_dir") if getattr(args, name, None)}
+    return Settings(**overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = _settings(args)
+    if args.no_worker:
+        settings = settings.model_copy(update={"run_worker": False})
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from service.worker import run_worker
+
+    return run_worker(_settings(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="care-serve", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP server and its training worker")
+    serve.add_argument("--host", help="bind address (CARE_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (CARE_PORT, default 8000)")
+    serve.add_argument("--data-dir", type=Path, help="registry, job database, uploads (CARE_DATA_DIR)")
+    serve.add_argument("--no-worker", action="store_true", help="do not start a training worker (CARE_RUN_WORKER)")
+    serve.set_defaults(handler=_serve)
+
+    worker = commands.add_parser("worker", help="run a training worker on its own")
+    worker.add_argument("--data-dir", type=Path, help="registry, job database, uploads (CARE_DATA_DIR)")
+    worker.set_defaults(handler=_worker)
+
+    bench = commands.add_parser("bench", help="benchmarks; results go to docs/benchmarks.md")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    model = benches.add_parser("model", help="forward time: fast path, reference path, backbone alone")
+    model.add_argument("--backbones", default="efficientnet_lite0,vit_small_patch16_224")
+    model.add_argument("--tasks", type=_int_list, default=[10, 100, 300], help="comma-separated task counts")
+    model.add_argument("--batch", type=int, default=16, help="batch size for CNN backbones")
+    model.add_argument("--batch-vit", type=int, default=8, help="batch size for ViT backbones")
+    model.add_argument("--image-size", type=int, default=224)
+    model.add_argument("--repeats", type=int, default=5)
+    model.add_argument("--reference-max-tasks", type=int, default=300, help="skip the reference path above this")
+    model.add_argument("--threads", type=int, default=2)
+    model.add_argument("--out", default="docs/bench")
+    model.set_defaults(handler=_bench_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler: BenchCommand = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

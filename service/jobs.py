@@ -1,0 +1,457 @@
+"""Durable job store behind POST /tasks and the training worker: SQLite (WAL) rows plus an uploads directory.
+
+The API server submits and reads; a worker *process* (kept single per lineage by a lease) claims tasks in
+submission order, reports progress and marks them ready or failed. Any process may be SIGKILLed at any moment.
+
+Why a 202 is safe (``submit``): the upload is first written to ``uploads_dir/.staging-<random>/`` with every file
+and directory fsynced. Then, inside one ``BEGIN IMMEDIATE`` transaction (the database write lock), the checks run
+again, the staging directory is renamed to ``uploads_dir/<task_id>/`` and its parent fsynced, and the row is
+inserted and committed; with ``synchronous=FULL`` the WAL is fsynced before COMMIT returns. So a row only ever
+exists for a complete, durable upload. A crash earlier leaves a staging directory or a ``t-*`` directory without a
+row: neither is a task, and ``sweep_staging`` removes both.
+
+Deployment limits: WAL uses shared memory, so all processes of one database must run on one host with a local
+filesystem (not NFS/SMB); workers on other hosts need a server database behind this same interface. Leases compare
+wall-clock times (``time.time()`` of whichever process writes), so hosts' clocks must agree to well under the TTL.
+
+Typical worker loop::
+
+    if store.acquire_lease("lineage", me, ttl_s=30):
+        store.recover_interrupted(max_attempts=3)
+        while (task := store.claim_next(me, lease="lineage")) is not None:  # renew_lease() while training
+            images, labels = store.load_upload(task.task_id)
+            ...  # update_progress(..., owner=me), then mark_ready(..., owner=me) or mark_failed(..., owner=me)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from service.jobs_db import (
+    STATUSES,
+    SubmitResult,
+    TaskRecord,
+    TaskStatus,
+    check_admission,
+    check_transition,
+    connect,
+    fetch_task,
+    iso,
+    make_owner_id,
+    migrate,
+    new_task_id,
+    pending_count,
+    set_failed,
+    write_transaction,
+)
+from service.jobs_errors import InvalidTransition, JobStoreError, LabelConflict, QueueFull, TaskNotFound, UploadCorrupt
+from service.jobs_uploads import (
+    STAGING_PREFIX,
+    fsync_dir,
+    publish_staged,
+    read_upload,
+    remove_tree,
+    retire,
+    stage_upload,
+    stale_staging_dirs,
+)
+
+__all__ = [
+    "InvalidTransition",
+    "JobStore",
+    "JobStoreError",
+    "LabelConflict",
+    "QueueFull",
+    "SubmitResult",
+    "TaskNotFound",
+    "TaskRecord",
+    "TaskStatus",
+    "UploadCorrupt",
+    "make_owner_id",
+]
+
+logger = logging.getLogger(__name__)
+
+_TASK_ID = re.compile(r"t-[0-9a-f]{12}")
+
+
+class JobStore:
+    """Durable task queue, task states, uploads and worker leases, shared by the server and worker processes.
+
+    Thread-safe: each thread gets its own SQLite connection. Writes run in short ``BEGIN IMMEDIATE`` transactions;
+    readers never wait for them (WAL).
+
+    Args:
+        db_path: The SQLite database file; created with its parent directories when missing.
+        uploads_dir: Directory of the stored uploads; created when missing.
+        busy_timeout_s: How long a statement waits for another process's write lock before failing.
+        clock: Wall-clock time in seconds since the epoch, for timestamps and lease expiry (tests pass a fake).
+    """
+
+    def __init__(
+        self, db_path: Path, uploads_dir: Path, *, busy_timeout_s: float = 30.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.db_path = Path(db_path)
+        self.uploads_dir = Path(uploads_dir)
+        self._busy_timeout_s = busy_timeout_s
+        self._clock = clock
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: dict[int, tuple[threading.Thread, sqlite3.Connection]] = {}
+        self._closed = False
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.uploads_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with self._write() as conn:  # concurrent openers serialize on the write lock
+                migrate(conn)
+            fsync_dir(self.db_path.parent)  # the database file's own directory entry
+        except BaseException:
+            self.close()
+            raise
+
+    # -- connections and transactions ------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise JobStoreError(f"the job store on {self.db_path} is closed; create a new JobStore")
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.db_path, self._busy_timeout_s)
+            with self._lock:
+                # Close connections of threads that ended (their idents may be reused by new threads).
+                for ident, (thread, old) in list(self._conns.items()):
+                    if not thread.is_alive():
+                        old.close()
+                        del self._conns[ident]
+                self._conns[threading.get_ident()] = (threading.current_thread(), conn)
+            self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with write_transaction(self._conn(), self._busy_timeout_s) as conn:
+            yield conn
+
+    def close(self) -> None:
+        """Close every connection of this store; call it once no thread uses the store any more."""
+        with self._lock:
+            self._closed = True
+            for _, conn in self._conns.values():
+                conn.close()
+            self._conns.clear()
+
+    # -- submission -------------------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        images: Sequence[tuple[str, bytes]],
+        labels: Sequence[str],
+        *,
+        name: str | None,
+        idempotency_key: str | None,
+        max_queued: int,
+    ) -> SubmitResult:
+        """Store an upload and queue its task durably; when this returns, a crash cannot lose the task.
+
+        Args:
+            images: (original file name, raw bytes) per image, already validated by the caller.
+            labels: One label per image; the task's classes are the distinct labels in order of first appearance.
+            name: Optional display name.
+            idempotency_key: A retry with the same key returns the existing task and writes nothing (the key wins
+                even if the body differs).
+            max_queued: Bound on tasks queued or training (this one included).
+
+        Returns:
+            The task, ``created`` (False for an idempotent retry) and ``position`` (tasks ahead of it; 0 = next).
+
+        Raises:
+            LabelConflict: A class is already used by a queued, training or ready task.
+            QueueFull: ``max_queued`` tasks are already queued or training.
+            ValueError: No images, or not one label per image.
+        """
+        if not images or len(images) != len(labels):
+            raise ValueError(f"need one label per image and at least one image, got {len(images)} and {len(labels)}")
+        if max_queued < 1:
+            raise ValueError(f"max_queued must be at least 1, got {max_queued}")
+        classes = list(dict.fromkeys(labels))
+        if idempotency_key is not None and (done := self._by_key(self._conn(), idempotency_key)) is not None:
+            return done
+        # Cheap checks before writing a possibly large upload; repeated under the write lock below.
+        check_admission(self._conn(), classes, max_queued)
+        staging = stage_upload(self.uploads_dir, images, labels, classes)
+        final: Path | None = None
+        try:
+            with self._write() as conn:
+                winner = None if idempotency_key is None else self._by_key(conn, idempotency_key)
+                if winner is None:
+                    pending = check_admission(conn, classes, max_queued)
+                    task_id = new_task_id(conn, self.uploads_dir)
+                    final = self.uploads_dir / task_id
+                    publish_staged(staging, final)
+                    seq = conn.execute(
+                        "INSERT INTO tasks (task_id, name, status, classes, num_images, created_at, idempotency_key)"
+                        " VALUES (?, ?, 'queued', ?, ?, ?, ?)",
+                        (task_id, name, json.dumps(classes), len(images), iso(self._clock()), idempotency_key),
+                    ).lastrowid
+                    conn.executemany(
+                        "INSERT INTO task_labels (task_seq, label, live) VALUES (?, ?, 1)", [(seq, c) for c in classes]
+                    )
+                    result = SubmitResult(fetch_task(conn, task_id), created=True, position=pending)
+        except BaseException:
+            remove_tree(staging)  # a no-op once renamed
+            if final is not None:
+                self._discard_unless_committed(final)
+            raise
+        if winner is not None:  # a concurrent retry with the same key committed first
+            remove_tree(staging)
+            return winner
+        logger.info(
+            "task %s queued: %d classes, %d images, position %d", task_id, len(classes), len(images), result.position
+        )
+        return result
+
+    def _by_key(self, conn: sqlite3.Connection, key: str) -> SubmitResult | None:
+        row = conn.execute("SELECT * FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        return SubmitResult(TaskRecord.from_row(row), created=False, position=pending_count(conn, row["seq"]))
+
+    def _discard_unless_committed(self, final: Path) -> None:
+        # The failure may have come from COMMIT itself; only remove the upload if no row refers to it.
+        try:
+            row = self._conn().execute("SELECT 1 FROM tasks WHERE task_id = ?", (final.name,)).fetchone()
+        except sqlite3.Error:
+            logger.warning("cannot tell whether task %s was committed; keeping %s for sweep_staging", final.name, final)
+            return
+        if row is None:
+            retire(final)
+
+    def known_labels(self) -> set[str]:
+        """Labels of every queued, training or ready task (those a new task may not use)."""
+        return {r[0] for r in self._conn().execute("SELECT label FROM task_labels WHERE live = 1")}
+
+    def pending_count(self) -> int:
+        """Number of tasks queued or training."""
+        return pending_count(self._conn())
+
+    # -- reading ----------------------------------------------------------------------------------------------
+
+    def get(self, task_id: str) -> TaskRecord:
+        """The task with this id; raises TaskNotFound."""
+        return fetch_task(self._conn(), task_id)
+
+    def list_tasks(self) -> list[TaskRecord]:
+        """All tasks in submission order."""
+        return [TaskRecord.from_row(r) for r in self._conn().execute("SELECT * FROM tasks ORDER BY seq")]
+
+    def counts_by_status(self) -> dict[str, int]:
+        """Number of tasks per status; every status is present, zeros included."""
+        counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
+        counts.update(self._conn().execute("SELECT status, COUNT(*) FROM tasks GROUP BY status").fetchall())
+        return counts
+
+    def _task_dir(self, task_id: str) -> Path:
+        if not _TASK_ID.fullmatch(task_id):  # never build a path from an id we did not generate
+            raise TaskNotFound(task_id)
+        return self.uploads_dir / task_id
+
+    def load_upload(self, task_id: str) -> tuple[list[bytes], list[str]]:
+        """The task's images in upload order and their labels, each image checked against its sha256.
+
+        Raises:
+            TaskNotFound: Unknown task.
+            UploadCorrupt: Naming the file that is missing or altered.
+        """
+        task_dir = self._task_dir(task_id)
+        self.get(task_id)
+        return read_upload(task_dir, task_id)
+
+    def delete_upload(self, task_id: str) -> None:
+        """Delete the stored upload of a finished (ready or failed) task; raises InvalidTransition if pending."""
+        task_dir = self._task_dir(task_id)
+        record = self.get(task_id)
+        if record.status in ("queued", "training"):
+            raise InvalidTransition(task_id, "delete the upload of", f"it is {record.status} and still needs it")
+        retire(task_dir)
+
+    def sweep_staging(self, older_than_s: float) -> int:
+        """Remove leftovers of crashed submits: staging directories and upload directories that no task owns.
+
+        Args:
+            older_than_s: Only staging directories unchanged for this long are removed; keep it well above the
+                time a submit takes (e.g. an hour), since another process may be writing one right now.
+
+        Returns:
+            How many directories were removed.
+        """
+        removed = 0
+        for staging in stale_staging_dirs(self.uploads_dir, older_than_s):
+            remove_tree(staging)
+            removed += 1
+        candidates = [p for p in self.uploads_dir.iterdir() if _TASK_ID.fullmatch(p.name)]
+        orphans = []
+        # Under the write lock no submit is between its rename and its commit, so a directory without a row
+        # can only come from a crash in that window.
+        with self._write() as conn:
+            for path in candidates:
+                if conn.execute("SELECT 1 FROM tasks WHERE task_id = ?", (path.name,)).fetchone() is None:
+                    trash = self.uploads_dir / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
+                    with contextlib.suppress(FileNotFoundError):  # its failed submit may be removing it
+                        os.rename(path, trash)  # cheap under the lock; the slow delete runs after COMMIT
+                        orphans.append(trash)
+        for trash in orphans:
+            remove_tree(trash)
+        if removed or orphans:
+            logger.info("swept %d staging and %d orphan upload directories", removed, len(orphans))
+        return removed + len(orphans)
+
+    # -- worker side: leases ----------------------------------------------------------------------------------
+
+    def acquire_lease(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Take the lease ``name`` for ``ttl_s`` seconds if it is free, expired or already ``owner``'s."""
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        with self._write() as conn:
+            now = self._clock()
+            row = conn.execute("SELECT owner, expires_at FROM leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and row["owner"] != owner and row["expires_at"] > now:
+                return False
+            conn.execute(
+                "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at",
+                (name, owner, now + ttl_s),
+            )
+        if row is not None and row["owner"] != owner:
+            logger.warning("lease %s taken over by %s from %s, whose lease had expired", name, owner, row["owner"])
+        return True
+
+    def renew_lease(self, name: str, owner: str, ttl_s: float) -> bool:
+        """Extend ``owner``'s lease; False means it was lost (taken or released) and the owner must stop.
+
+        A lease that expired but was taken by nobody is still renewed: any taker would have replaced the owner.
+        """
+        if ttl_s <= 0:
+            raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE leases SET expires_at = ? WHERE name = ? AND owner = ?", (self._clock() + ttl_s, name, owner)
+            )
+        return cur.rowcount == 1
+
+    def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease up if ``owner`` holds it."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner))
+
+    def lease_holder(self, name: str) -> str | None:
+        """The owner of an unexpired lease ``name``, or None."""
+        sql = "SELECT owner FROM leases WHERE name = ? AND expires_at > ?"
+        row = self._conn().execute(sql, (name, self._clock())).fetchone()
+        return None if row is None else str(row[0])
+
+    # -- worker side: task states -----------------------------------------------------------------------------
+
+    def claim_next(self, owner: str, *, lease: str | None = None) -> TaskRecord | None:
+        """Mark the oldest queued task training for ``owner``.
+
+        Args:
+            owner: The claiming worker; recorded on the task (see the ``owner`` fencing of the ``mark_*`` methods).
+            lease: When given, claim only if ``owner`` holds this unexpired lease, checked in the same transaction.
+
+        Returns:
+            The claimed task, or None if the queue is empty, a task is already training, or the lease is not held.
+        """
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM tasks WHERE status = 'training' LIMIT 1").fetchone() is not None:
+                return None
+            if lease is not None:
+                held = conn.execute(
+                    "SELECT 1 FROM leases WHERE name = ? AND owner = ? AND expires_at > ?",
+                    (lease, owner, self._clock()),
+                ).fetchone()
+                if held is None:
+                    return None
+            row = conn.execute("SELECT task_id FROM tasks WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE tasks SET status = 'training', started_at = ?, finished_at = NULL, attempts = attempts + 1,"
+                " owner = ?, progress = NULL, error = NULL WHERE task_id = ?",
+                (iso(self._clock()), owner, row["task_id"]),
+            )
+            record = fetch_task(conn, row["task_id"])
+        logger.info("task %s claimed by %s (attempt %d)", record.task_id, owner, record.attempts)
+        return record
+
+    def recover_interrupted(self, *, max_attempts: int | None = None) -> list[str]:
+        """Put tasks left "training" by a dead trainer back in the queue, keeping their place (seq).
+
+        Call only while holding the lineage lease: it assumes nobody is training. A task whose trainer died
+        ``max_attempts`` times (it may be what kills it) is marked failed instead, so the queue moves on.
+
+        Returns:
+            The ids of the re-queued tasks.
+        """
+        requeued = []
+        with self._write() as conn:
+            for row in conn.execute("SELECT seq, task_id, attempts FROM tasks WHERE status = 'training'").fetchall():
+                if max_attempts is not None and row["attempts"] >= max_attempts:
+                    error = f"the trainer stopped {row['attempts']} times while training this task; submit it again"
+                    set_failed(conn, row["seq"], error, iso(self._clock()))
+                    logger.error("task %s failed: %s", row["task_id"], error)
+                else:
+                    conn.execute(
+                        "UPDATE tasks SET status = 'queued', started_at = NULL, owner = NULL, progress = NULL"
+                        " WHERE seq = ?",
+                        (row["seq"],),
+                    )
+                    requeued.append(row["task_id"])
+        if requeued:
+            logger.warning("re-queued tasks interrupted by a dead trainer: %s", requeued)
+        return requeued
+
+    def update_progress(self, task_id: str, progress: dict[str, Any], *, owner: str | None = None) -> None:
+        """Replace the progress of a training task (epoch, epochs, step, steps, loss, stage...).
+
+        Args:
+            owner: When given, the update is refused unless this owner claimed the task.
+        """
+        data = json.dumps(progress)
+        with self._write() as conn:
+            seq = check_transition(conn, task_id, "update the progress of", ("training",), owner)
+            conn.execute("UPDATE tasks SET progress = ? WHERE seq = ?", (data, seq))
+
+    def mark_ready(
+        self, task_id: str, *, index: int, model_version: int, metrics: dict[str, Any], owner: str | None = None
+    ) -> None:
+        """Record that a training task was learned as position ``index`` of the lineage in ``model_version``."""
+        data = json.dumps(metrics)
+        with self._write() as conn:
+            seq = check_transition(conn, task_id, "mark_ready", ("training",), owner)
+            clash = conn.execute("SELECT task_id FROM tasks WHERE learned_index = ?", (index,)).fetchone()
+            if clash is not None:
+                raise InvalidTransition(task_id, "mark_ready", f"index {index} already belongs to task {clash[0]}")
+            conn.execute(
+                "UPDATE tasks SET status = 'ready', finished_at = ?, learned_index = ?, model_version = ?,"
+                " metrics = ? WHERE seq = ?",
+                (iso(self._clock()), index, model_version, data, seq),
+            )
+        logger.info("task %s ready: index %d, model version %d", task_id, index, model_version)
+
+    def mark_failed(self, task_id: str, error: str, *, owner: str | None = None) -> None:
+        """Record that a queued or training task failed; its labels become free again."""
+        with self._write() as conn:
+            seq = check_transition(conn, task_id, "mark_failed", ("queued", "training"), owner)
+            set_failed(conn, seq, error, iso(self._clock()))
+        logger.warning("task %s failed: %s", task_id, error)

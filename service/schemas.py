@@ -1,0 +1,74 @@
+"""Response bodies of the HTTP API (docs/api.md), as pydantic models so /docs shows them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ScoredLabel(BaseModel):
+    label: str
+    score: float = Field(description="Probability over all learned classes.")
+    task_id: str
+
+
+class ImagePrediction(BaseModel):
+    top: list[ScoredLabel]
+
+
+class PredictResponse(BaseModel):
+    model_version: int
+    predictions: list[ImagePrediction] = Field(description="One per image, in request order.")
+
+
+class TaskAccepted(BaseModel):
+    task_id: str
+    status: str
+    classes: list[str]
+    num_images: int
+    position: int = Field(description="Tasks ahead of this one in the training queue.")
+
+
+class TaskProgress(BaseModel):
+    model_config = {"extra": "allow"}
+
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+    steps: int | None = None
+    loss: float | None = None
+
+
+class TaskPublic(BaseModel):
+    task_id: str
+    name: str | None
+    status: str
+    classes: list[str]
+    num_images: int
+    index: int | None = Field(description="Position in the learned sequence once ready.")
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    progress: TaskProgress | None
+    model_version: int | None
+    metrics: dict[str, Any] | None
+    error: str | None
+
+
+class RouterCachePublic(BaseModel):
+    capacity_bytes: int | None
+    resident_bytes: int
+    resident_routers: int
+    hits: int
+    misses: int
+    evictions: int
+    host: dict[str, int | None] = Field(description="The host tier: capacity_bytes, resident_bytes, resident_routers.")
+
+
+class ModelPublic(BaseModel):
+    model_version: int | None
+    backbone: str
+    num_tasks: int
+    num_classes: int
+    router_cache: RouterCachePublic

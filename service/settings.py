@@ -1,0 +1,173 @@
+"""One settings object for the server and the worker: `CARE_…` environment variables, CLI flags win.
+
+Defaults are the embedded ones: the bundled EfficientNet-Lite0, everything under ./care-data, 127.0.0.1:8000.
+Only `service/` reads settings; it turns them into constructor arguments for `model/` and `registry/`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from model.backbone import WEIGHTS_BUNDLED, WEIGHTS_HUB, bundled_weights_available
+from model.config import DEFAULT_BACKBONE, CovarianceMode, ModelConfig, TrainConfig
+
+MIB = 1 << 20
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    """Every knob of care-serve. Environment variable = `CARE_` + the upper-case field name."""
+
+    model_config = SettingsConfigDict(env_prefix="CARE_", extra="forbid", validate_default=True)
+
+    # Network and storage
+    host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+    data_dir: Path = Field(Path("./care-data"), description="Registry, job database and uploads live here.")
+
+    # Model (shape-defining: a registry is tied to these)
+    backbone: str = Field(DEFAULT_BACKBONE, description="timm model name.")
+    backbone_weights: str = Field(
+        "",
+        description="'bundled' (efficientnet_lite0 only), 'hub', 'random', or a local .safetensors/.pth/.bin file. "
+        "Empty: bundled when available, else hub.",
+    )
+    sites: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="BR-MoE sites; empty = the backbone's default."
+    )
+    image_size: int | None = Field(None, description="Input resolution; empty = the backbone's pretrained one.")
+    expert_dim: int = Field(16, ge=1)
+    shared_dim: int = Field(64, ge=1)
+    top_routers: int = Field(2, ge=1, description="M: routers selected per site.")
+    top_experts: int = Field(3, ge=1, description="K: experts per selected router.")
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where the model runs.")
+
+    # Router cache
+    router_cache_bytes: int | None = Field(
+        256 * MIB, ge=1, description="Cap of the device tier of the router cache in bytes; empty = unbounded."
+    )
+    router_host_cache_bytes: int = Field(0, ge=0, description="Cap of the host tier (0 = no host tier).")
+
+    # Serving
+    max_batch_size: int = Field(16, ge=1, description="Largest micro-batch of images.")
+    max_batch_wait_ms: float = Field(5.0, ge=0, description="How long a batch waits to fill up.")
+    max_queue_images: int = Field(256, ge=1, description="Images waiting for inference before 429 overloaded.")
+    max_predict_images: int = Field(64, ge=1, description="Images in one /predict request.")
+    serve_threads: int = Field(default_factory=lambda: max(1, _cpus() // 2), ge=1, description="Torch threads.")
+    poll_interval_s: float = Field(1.0, gt=0, description="How often servers look for new registry versions.")
+
+    # Learning
+    run_worker: bool = Field(True, description="`care-serve serve` starts (and restarts) a training worker.")
+    train_threads: int = Field(default_factory=lambda: max(1, _cpus() - max(1, _cpus() // 2)), ge=1)
+    train_epochs: int = Field(10, ge=1)
+    train_batch_size: int = Field(16, ge=1)
+    train_lr: float = Field(0.02, gt=0)
+    align_epochs: int = Field(5, ge=0)
+    covariance: CovarianceMode = Field("diagonal", description="Class statistics: 'diagonal' or 'full'.")
+    train_seed: int = 1993
+    worker_lease_ttl_s: float = Field(30.0, gt=0, description="A dead worker's lease expires after this.")
+    worker_poll_s: float = Field(0.5, gt=0, description="How often an idle worker looks for queued tasks.")
+
+    # Uploads
+    max_upload_bytes: int = Field(256 * MIB, ge=1)
+    max_images_per_task: int = Field(10_000, ge=1)
+    max_image_bytes: int = Field(20 * MIB, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    min_images_per_class: int = Field(2, ge=1)
+    max_label_length: int = Field(64, ge=1)
+    max_queued_tasks: int = Field(100, ge=1)
+
+    # Auth (off when empty)
+    admin_token: SecretStr | None = Field(None, description="Bearer token required by /tasks.")
+    api_key: SecretStr | None = Field(None, description="Key required by /predict (X-API-Key or Bearer).")
+
+    log_level: str = Field("INFO")
+
+    @field_validator("admin_token", "api_key", mode="before")
+    @classmethod
+    def _empty_means_off(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+    @field_validator("image_size", "router_cache_bytes", mode="before")
+    @classmethod
+    def _empty_means_default(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        if not self.backbone_weights:
+            self.backbone_weights = WEIGHTS_BUNDLED if bundled_weights_available(self.backbone) else WEIGHTS_HUB
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("CARE_DEVICE=cuda but no CUDA device is visible; use 'cpu' or 'auto'")
+        return self
+
+    # Derived values -------------------------------------------------------------------------------------------
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.data_dir / "registry"
+
+    @property
+    def jobs_db(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def model(self) -> ModelConfig:
+        return ModelConfig(
+            backbone=self.backbone,
+            sites=tuple(self.sites),
+            expert_dim=self.expert_dim,
+            shared_dim=self.shared_dim,
+            top_routers=self.top_routers,
+            top_experts=self.top_experts,
+            image_size=self.image_size,
+        )
+
+    def training(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.train_epochs,
+            batch_size=self.train_batch_size,
+            lr=self.train_lr,
+            align_epochs=self.align_epochs,
+            covariance=self.covariance,
+            seed=self.train_seed,
+        )
+
+    def environment(self) -> dict[str, str]:
+        """These settings as CARE_ environment variables (to start a worker process with the same settings)."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                text = ""
+            elif isinstance(value, SecretStr):
+                text = value.get_secret_value()
+            elif isinstance(value, list):
+                text = ",".join(str(v) for v in value)
+            else:
+                text = str(value)
+            env[f"CARE_{name.upper()}"] = text
+        return env

@@ -1,0 +1,206 @@
+"""Everything a running server holds, built once in the lifespan and torn down in reverse order."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from model.backbone import SiteBackbone, build_backbone, make_transform
+from model.config import ModelConfig
+from registry import Registry, VersionWatcher
+from service.batcher import MicroBatcher
+from service.errors import ApiError
+from service.images import decode_image
+from service.jobs import JobStore
+from service.metrics import JobSnapshot, Metrics
+from service.modelstore import ModelStore, RouterCache, new_router_cache
+from service.settings import Settings
+from service.snapshot import CurrentModel, ServedModel, SnapshotLoader
+from service.uploads import UploadLimits
+
+logger = logging.getLogger(__name__)
+
+
+def resolved_model_config(settings: Settings, backbone: SiteBackbone) -> ModelConfig:
+    """The settings' model configuration with defaults made explicit (sites, image size).
+
+    A registry records the explicit form, so it keeps loading even if a later release changes a default.
+    """
+    size = settings.image_size or int(backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    return dataclasses.replace(settings.model(), sites=tuple(backbone.site_names), image_size=size)
+
+
+def load_backbone(settings: Settings) -> tuple[ModelConfig, SiteBackbone]:
+    """Build the frozen backbone on the configured device; returns it with the resolved model configuration."""
+    backbone = build_backbone(settings.model(), settings.backbone_weights)
+    backbone.to(settings.torch_device())
+    return resolved_model_config(settings, backbone), backbone
+
+
+def upload_limits(settings: Settings) -> UploadLimits:
+    return UploadLimits(
+        max_body_bytes=settings.max_upload_bytes,
+        max_images=settings.max_images_per_task,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        max_label_length=settings.max_label_length,
+        min_images_per_class=settings.min_images_per_class,
+        max_predict_images=settings.max_predict_images,
+    )
+
+
+class Preprocessor:
+    """Decodes uploaded images and applies the backbone's evaluation transform (CPU-bound: run off the event loop)."""
+
+    def __init__(self, transform: Callable[[Image.Image], Tensor], limits: UploadLimits, device: torch.device):
+        self.transform = transform
+        self.limits = limits
+        self.device = device
+
+    def __call__(self, files: Sequence[tuple[str, bytes]]) -> Tensor:
+        problems: list[dict[str, Any]] = []
+        tensors: list[Tensor] = []
+        for index, (name, data) in enumerate(files):
+            try:
+                tensors.append(self.transform(decode_image(name, data, self.limits)))
+            except ApiError as error:
+                if error.status == 413:
+                    raise
+                problems.append({"index": index, "name": name, "reason": error.message})
+        if problems:
+            raise ApiError(
+                422,
+                "invalid_image",
+                f"{len(problems)} of {len(files)} images could not be decoded; send PNG, JPEG, WebP, GIF, BMP or TIFF "
+                "images",
+                {"images": problems},
+            )
+        return torch.stack(tensors).to(self.device)
+
+
+def job_snapshot(jobs: JobStore) -> JobSnapshot:
+    """Task counts and finished training durations, for the metrics collector."""
+    durations = []
+    for task in jobs.list_tasks():
+        if task.started_at and task.finished_at and task.status == "ready":
+            started = datetime.fromisoformat(task.started_at.replace("Z", "+00:00"))
+            finished = datetime.fromisoformat(task.finished_at.replace("Z", "+00:00"))
+            durations.append((finished - started).total_seconds())
+    return JobSnapshot(jobs.counts_by_status(), durations)
+
+
+@dataclass
+class AppState:
+    """The server's long-lived objects."""
+
+    settings: Settings
+    config: ModelConfig
+    backbone: SiteBackbone
+    registry: Registry
+    cache: RouterCache
+    current: CurrentModel
+    watcher: VersionWatcher
+    jobs: JobStore
+    batcher: MicroBatcher
+    metrics: Metrics
+    limits: UploadLimits
+    preprocess: Preprocessor
+    ready: threading.Event
+
+    def served(self) -> ServedModel:
+        return self.current.model
+
+
+def build_state(settings: Settings) -> AppState:
+    """Load the backbone, open the registry and the job store, and serve the current version (blocking)."""
+    torch.set_num_threads(settings.serve_threads)
+    started = time.perf_counter()
+    config, backbone = load_backbone(settings)
+    device = settings.torch_device()
+    registry = Registry.from_path(settings.registry_dir)
+    jobs = JobStore(settings.jobs_db, settings.uploads_dir)
+    holder: dict[str, Metrics] = {}
+    cache = new_router_cache(
+        device,
+        settings.router_cache_bytes,
+        settings.router_host_cache_bytes,
+        on_load=lambda seconds, source: holder["metrics"].record_router_load(seconds, source),
+    )
+    metrics = Metrics(cache.stats, lambda: job_snapshot(jobs))
+    holder["metrics"] = metrics
+    store = ModelStore(registry, config, backbone, device)
+
+    def on_swap(model: ServedModel) -> None:
+        metrics.model_version.set(model.version or 0)
+        metrics.tasks_learned.set(model.num_tasks)
+        metrics.classes_learned.set(model.num_classes)
+
+    def on_failure(version: int, error: Exception) -> None:  # noqa: ARG001 - logged by CurrentModel
+        metrics.version_load_failures.inc()
+
+    current = CurrentModel(SnapshotLoader(store, cache), on_swap=on_swap, on_failure=on_failure)
+    latest = registry.current_version()
+    if latest is not None:
+        # Refuse to start on a registry of another backbone/configuration: serving it would be wrong.
+        store.check(registry.load_manifest(latest))
+        current.update_to(latest)
+
+    def load_version(version: int) -> None:
+        load_started = time.perf_counter()
+        if current.update_to(version):
+            metrics.version_load_seconds.observe(time.perf_counter() - load_started)
+
+    watcher = VersionWatcher(registry, settings.poll_interval_s, load_version)
+    limits = upload_limits(settings)
+    batcher = MicroBatcher(
+        current=lambda: current.model,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_batch_wait_ms / 1000,
+        max_queue_images=settings.max_queue_images,
+        threads=settings.serve_threads,
+        on_batch=metrics.batch_size.observe,
+    )
+    state = AppState(
+        settings=settings,
+        config=config,
+        backbone=backbone,
+        registry=registry,
+        cache=cache,
+        current=current,
+        watcher=watcher,
+        jobs=jobs,
+        batcher=batcher,
+        metrics=metrics,
+        limits=limits,
+        preprocess=Preprocessor(make_transform(backbone, config.image_size), limits, device),
+        ready=threading.Event(),
+    )
+    warm_up(state)
+    logger.info(
+        "loaded %s in %.1fs on %s; serving version %s",
+        config.backbone,
+        time.perf_counter() - started,
+        device,
+        current.model.version,
+    )
+    return state
+
+
+def warm_up(state: AppState) -> None:
+    """One forward pass so the first request does not pay for lazy initialisation."""
+    size = state.config.image_size or 224
+    images = torch.zeros(1, 3, size, size, device=state.settings.torch_device())
+    with torch.inference_mode():
+        state.backbone.forward_plain(images)
+        if state.current.model.model is not None:
+            state.current.model.probabilities(images)

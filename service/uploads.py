@@ -1,0 +1,613 @@
+"""Parsing and validating the request bodies of `POST /tasks` and `POST /predict` (docs/api.md).
+
+Every bad input becomes an `ApiError` with the api.md code and a message that says what to change; nothing here
+answers 500 or reads past the limits. The body is streamed with a running byte count and refused (413) the
+moment it passes `max_body_bytes` (or at once when Content-Length says so); multipart parts are collected in
+memory with per-part count and size limits checked as the bytes arrive; archives are read in memory, never
+extracted to disk, with declared and actual unpacked sizes both bounded.
+
+Archives hold an ImageFolder tree `<label>/<file>`. One top-level folder wrapping all label folders (what
+`zip -r x.zip folder/` produces) is tolerated and dropped. `__MACOSX/` and hidden entries (any path component
+starting with ".") are skipped, a leading "./" (from `tar -cf x.tar .`) is dropped and "\\" counts as a
+separator. Anything else (top-level files, deeper folders, links, devices, "..", absolute paths) is 400 naming
+the entries.
+
+Route recipe for `POST /tasks`: `upload = await read_task_upload(request, limits)`, check the labels against
+known classes (409), then `await anyio.to_thread.run_sync(validate_images, upload.images, limits)`
+(service.images): decoding is CPU-bound and must stay off the event loop.
+"""
+
+from __future__ import annotations
+
+import bz2
+import contextlib
+import gzip
+import io
+import json
+import logging
+import lzma
+import stat
+import struct
+import tarfile
+import unicodedata
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio.to_thread
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from service.errors import ApiError
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MULTIPART",
+    "TAR_TYPES",
+    "ZIP_TYPES",
+    "TaskUpload",
+    "UploadLimits",
+    "read_predict_images",
+    "read_task_upload",
+]
+
+_MiB = 1024 * 1024
+MULTIPART = "multipart/form-data"
+ZIP_TYPES = ("application/zip", "application/x-zip-compressed", "application/x-zip")
+TAR_TYPES = ("application/x-tar", "application/tar", "application/gzip", "application/x-gzip", "application/x-gtar")
+_MAX_NAME_CHARS = 256
+_MESSAGE_ITEMS = 5  # problems spelled out in a message; `details` lists all of them
+_CHUNK = _MiB
+# Archive readers give up on corrupt or hostile data with any of these; all mean "unreadable archive" (400).
+_CORRUPT = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, OSError, ValueError, RuntimeError)
+_CORRUPT_TOO = (NotImplementedError, zlib.error, lzma.LZMAError, struct.error, IndexError, KeyError)
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """Bounds on what one request may carry; each breach is answered 413 `too_large` unless noted.
+
+    Attributes:
+        max_body_bytes: Request body size; also bounds the bytes unpacked from an archive.
+        max_images: Images in one task upload.
+        max_image_bytes: Bytes of one image (file part, raw body or archive member).
+        max_image_pixels: Width x height of one image, checked from its header (decompression bombs).
+        max_label_length: Characters in one label (422 `invalid_label` beyond).
+        min_images_per_class: Images each class needs (422 `too_few_images` below).
+        max_predict_images: Images in one predict request.
+    """
+
+    max_body_bytes: int = 256 * _MiB
+    max_images: int = 10_000
+    max_image_bytes: int = 20 * _MiB
+    max_image_pixels: int = 40_000_000
+    max_label_length: int = 64
+    min_images_per_class: int = 2
+    max_predict_images: int = 64
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"UploadLimits.{name} must be a positive int, got {value!r}")
+
+    @property
+    def max_archive_entries(self) -> int:
+        """Entries one archive may list, folders and skipped `__MACOSX` twins included (room for ~3 per image)."""
+        return 3 * self.max_images + 1024
+
+
+@dataclass(frozen=True)
+class TaskUpload:
+    """A parsed task upload: images with one label each, not yet decoded (see service.images.validate_images).
+
+    Attributes:
+        images: (file name, raw bytes) pairs in upload order; archive images are named by their member path.
+        labels: One label per image, same order.
+        classes: The distinct labels in order of first appearance.
+        name: The optional task name.
+    """
+
+    images: list[tuple[str, bytes]]
+    labels: list[str]
+    classes: list[str]
+    name: str | None
+
+
+def _bad(message: str, details: dict[str, Any] | None = None) -> ApiError:
+    return ApiError(400, "bad_request", message, details)
+
+
+def _too_large(message: str, details: dict[str, Any] | None = None) -> ApiError:
+    return ApiError(413, "too_large", message, details)
+
+
+# ---------------------------------------------------------------------------------------------------- the body
+
+
+async def _body_chunks(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    """Yields the body; 413 early on Content-Length and as soon as the running count passes `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None and not declared.strip().isdigit():
+        raise _bad(f"Content-Length {declared!r} is not a byte count")
+    hint = "send fewer or smaller images"
+    if declared is not None and int(declared) > limit:
+        raise _too_large(f"request body of {int(declared)} bytes, the limit is {limit}; {hint}", {"limit": limit})
+    total = 0
+    try:
+        async with contextlib.aclosing(request.stream()) as stream:
+            async for chunk in stream:
+                total += len(chunk)
+                if total > limit:
+                    raise _too_large(f"request body over the limit of {limit} bytes; {hint}", {"limit": limit})
+                if chunk:
+                    yield chunk
+    except ClientDisconnect as exc:
+        raise _bad("the client disconnected before the request body was complete") from exc
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    async with contextlib.aclosing(_body_chunks(request, limit)) as chunks:
+        return b"".join([chunk async for chunk in chunks])
+
+
+# ---------------------------------------------------------------------------------------------------- multipart
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """How many parts of one name a body may hold, and how big each may be."""
+
+    max_count: int
+    max_bytes: int
+    hint: str  # what to do when there are too many
+
+
+@dataclass
+class _Part:
+    name: str
+    filename: str | None
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def text(self) -> str:
+        try:
+            return self.data().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _bad(f"form field {self.name!r} is not valid UTF-8 text") from exc
+
+
+class _PartCollector:
+    """python-multipart callbacks that keep parts in memory and enforce the `_Rule`s while the bytes arrive."""
+
+    def __init__(self, rules: dict[str, _Rule]) -> None:
+        self.rules = rules
+        self.parts: list[_Part] = []
+        self.counts: Counter[str] = Counter()
+        self.finished = False
+        self._headers: dict[bytes, bytes] = {}
+        self._field = self._value = b""
+        self._part: _Part | None = None
+
+    def on_part_begin(self) -> None:
+        self._headers, self._part = {}, None
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[self._field.lower()] = self._value
+        self._field = self._value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition"))
+        if b"name" not in options:
+            raise _bad("a multipart part has no Content-Disposition name; name every part")
+        name = options[b"name"].decode("utf-8", "replace")
+        rule = self.rules.get(name)
+        if rule is None:
+            raise _bad(f"unexpected multipart part {name!r}; this endpoint accepts {', '.join(map(repr, self.rules))}")
+        self.counts[name] += 1
+        if self.counts[name] > rule.max_count and rule.max_count == 1:
+            raise _bad(f"more than one {name!r} part; send exactly one")
+        if self.counts[name] > rule.max_count:
+            raise _too_large(f"more than {rule.max_count} {name!r} parts; {rule.hint}", {"limit": rule.max_count})
+        raw = options.get(b"filename")
+        # Never trust client paths: keep the last component only (names are for messages, never for the disk).
+        filename = None if raw is None else raw.decode("utf-8", "replace").replace("\\", "/").rsplit("/", 1)[-1]
+        self._part = _Part(name, filename)
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._part
+        if part is None:  # data without headers: the parser itself reports that
+            return
+        rule = self.rules[part.name]
+        part.size += end - start
+        if part.size > rule.max_bytes:
+            which = f"{part.name!r} #{self.counts[part.name]}" + (f" ({part.filename!r})" if part.filename else "")
+            details = {"part": part.name, "file": part.filename, "limit": rule.max_bytes}
+            raise _too_large(f"part {which} is over the limit of {rule.max_bytes} bytes; send it smaller", details)
+        part.chunks.append(data[start:end])
+
+    def on_part_end(self) -> None:
+        if self._part is not None:
+            self.parts.append(self._part)
+
+    def on_end(self) -> None:
+        self.finished = True
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_end": self.on_end,
+        }
+
+
+async def _read_multipart(request: Request, limits: UploadLimits, rules: dict[str, _Rule]) -> list[_Part]:
+    _, params = parse_options_header(request.headers.get("content-type"))
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise _bad("multipart Content-Type without a boundary; let the HTTP client build it (curl -F images=@a.png)")
+    collector = _PartCollector(rules)
+    try:
+        parser = MultipartParser(boundary, collector.callbacks())
+        async with contextlib.aclosing(_body_chunks(request, limits.max_body_bytes)) as chunks:
+            async for chunk in chunks:
+                parser.write(chunk)
+        parser.finalize()
+    except FormParserError as exc:
+        raise _bad(f"unparseable multipart body ({exc}); send well-formed multipart/form-data") from exc
+    if not collector.finished:
+        raise _bad("the multipart body ended before its closing boundary; send the complete body")
+    return collector.parts
+
+
+# ---------------------------------------------------------------------------------------------------- archives
+
+
+class _Readable(Protocol):
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
+class _Budget:
+    """Running totals over one archive; each check fails as soon as its bound is crossed."""
+
+    def __init__(self, limits: UploadLimits) -> None:
+        self.limits = limits
+        self.entries = self.declared = self.read = self.files = 0
+
+    def too_many_entries(self) -> ApiError:
+        limit = self.limits.max_archive_entries
+        return _too_large(f"the archive has more than {limit} entries; send fewer images", {"limit": limit})
+
+    def unpacks_too_large(self, path: str, verb: str = "unpacks") -> ApiError:
+        limit = self.limits.max_body_bytes
+        return _too_large(f"the archive {verb} more than {limit} bytes (at {path!r}); send less", {"entry": path})
+
+    def entry(self, path: str, declared_size: int) -> None:
+        self.entries += 1
+        self.declared += declared_size
+        if self.entries > self.limits.max_archive_entries:
+            raise self.too_many_entries()
+        if self.declared > self.limits.max_body_bytes:  # refused before a single byte is inflated
+            raise self.unpacks_too_large(path, "declares")
+
+    def image(self, path: str, declared_size: int) -> None:
+        self.files += 1
+        if self.files > self.limits.max_images:
+            raise _too_large(f"the archive holds more than {self.limits.max_images} images; send fewer per task")
+        if declared_size > self.limits.max_image_bytes:
+            raise self.image_too_large(path)
+
+    def image_too_large(self, path: str) -> ApiError:
+        limit = self.limits.max_image_bytes
+        return _too_large(f"archive entry {path!r} is over {limit} bytes per image", {"entry": path, "limit": limit})
+
+    def read_member(self, path: str, member: _Readable) -> bytes:
+        """Reads one member, never asking for more than one byte past the per-image bound."""
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := member.read(min(_CHUNK, self.limits.max_image_bytes + 1 - size)):
+            size += len(chunk)
+            self.read += len(chunk)
+            if size > self.limits.max_image_bytes:
+                raise self.image_too_large(path)
+            if self.read > self.limits.max_body_bytes:
+                raise self.unpacks_too_large(path, "unpacks to")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+class _BoundedRaw(io.RawIOBase):
+    """A decompressed stream that refuses (413) to yield more than `limit` bytes: guards tar.gz/bz2/xz bombs."""
+
+    def __init__(self, inner: _Readable, limit: int) -> None:
+        self.inner, self.limit, self.total = inner, limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.inner.read(len(buffer))
+        self.total += len(data)
+        if self.total > self.limit:
+            raise _too_large(f"the compressed archive unpacks to more than {self.limit} bytes; send less")
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _split_path(path: str) -> list[str]:
+    """Path components of a member name; "." and empty ones dropped, unsafe names refused (400)."""
+    normalized = path.replace("\\", "/")
+    parts = [p for p in normalized.split("/") if p not in ("", ".")]
+    if normalized.startswith("/") or ".." in parts:
+        raise _bad(f"archive entry {path!r} has an absolute or '..' path; use <label>/<file>", {"entries": [path]})
+    return parts
+
+
+def _skipped(parts: list[str]) -> bool:
+    return bool(parts) and (parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts))
+
+
+def _not_a_file(path: str, kind: str) -> ApiError:
+    return _bad(f"archive entry {path!r} is a {kind}; only regular files in <label>/ folders", {"entries": [path]})
+
+
+def _zip_files(data: bytes, budget: _Budget) -> list[tuple[str, bytes]]:
+    # Every central-directory record starts with this signature, so counting it bounds (from above) how many
+    # ZipInfo objects ZipFile would build before we could look at a single one.
+    if data.count(b"PK\x01\x02") > budget.limits.max_archive_entries:
+        raise budget.too_many_entries()
+    files: list[tuple[str, bytes]] = []
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            path = info.filename
+            budget.entry(path, info.file_size)
+            mode = info.external_attr >> 16 if info.create_system == 3 else 0  # Unix mode bits, when recorded
+            if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
+                raise _not_a_file(path, "symbolic link" if stat.S_ISLNK(mode) else "special file")
+            parts = _split_path(path)
+            if info.is_dir() or _skipped(parts):
+                continue
+            if info.flag_bits & 0x1:
+                raise _bad(f"archive entry {path!r} is encrypted; send an unencrypted zip", {"entries": [path]})
+            budget.image(path, info.file_size)
+            with archive.open(info) as member:
+                files.append((path, budget.read_member(path, member)))
+    return files
+
+
+def _tar_files(data: bytes, budget: _Budget) -> list[tuple[str, bytes]]:
+    # Tar framing costs up to ~2 KiB per entry (header, padding, long-name records) on top of the file bytes.
+    bound = budget.limits.max_body_bytes + 2048 * budget.limits.max_archive_entries
+    files: list[tuple[str, bytes]] = []
+    with contextlib.ExitStack() as stack:
+        raw: _Readable = io.BytesIO(data)
+        if data.startswith(b"\x1f\x8b"):
+            raw = stack.enter_context(gzip.GzipFile(fileobj=io.BytesIO(data)))
+        elif data.startswith(b"BZh"):
+            raw = stack.enter_context(bz2.BZ2File(io.BytesIO(data)))
+        elif data.startswith(b"\xfd7zXZ\x00"):
+            raw = stack.enter_context(lzma.LZMAFile(io.BytesIO(data)))
+        # Stream mode ("r|") reads strictly forward through the bounded stream, so nothing is unpacked twice and
+        # skipping an entry costs at most its (already budgeted) declared size.
+        archive = stack.enter_context(tarfile.open(fileobj=io.BufferedReader(_BoundedRaw(raw, bound)), mode="r|"))
+        for member in archive:
+            path = member.name
+            budget.entry(path, member.size)
+            if not (member.isreg() or member.isdir()):
+                kind = "symbolic link" if member.issym() else "hard link" if member.islnk() else "special file"
+                raise _not_a_file(path, kind)
+            parts = _split_path(path)
+            if member.isdir() or _skipped(parts):
+                continue
+            budget.image(path, member.size)
+            reader = archive.extractfile(member)
+            if reader is None:  # regular files always have one; None would mean tarfile changed underneath us
+                raise _not_a_file(path, "entry without data")
+            files.append((path, budget.read_member(path, reader)))
+    return files
+
+
+def _read_archive(data: bytes, limits: UploadLimits) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """Reads an ImageFolder zip or (optionally compressed) tar into images and labels. CPU-bound."""
+    is_zip = data[:4] in (b"PK\x03\x04", b"PK\x05\x06")  # sniffed: the declared Content-Type only gates entry
+    try:
+        files = (_zip_files if is_zip else _tar_files)(data, _Budget(limits))
+    except ApiError:
+        raise
+    except (*_CORRUPT, *_CORRUPT_TOO) as exc:
+        kind = "a zip" if is_zip else "a zip or a tar (plain, gzip, bz2 or xz)"
+        raise _bad(f"the archive could not be read as {kind} file ({exc}); send a zip or tar of folders") from exc
+    split = [(path, _split_path(path), payload) for path, payload in files]
+    if len({parts[0] for _, parts, _ in split}) == 1 and all(len(parts) >= 3 for _, parts, _ in split):
+        split = [(path, parts[1:], payload) for path, parts, payload in split]  # drop the one wrapping folder
+    misplaced = [path for path, parts, _ in split if len(parts) != 2]
+    if misplaced:
+        message = f"archive entries must be <label>/<file>, exactly one folder deep; {len(misplaced)} entries are not"
+        raise _bad(f"{message}, e.g. {misplaced[0]!r}", {"entries": misplaced})
+    return [(path, payload) for path, _, payload in split], [parts[0] for _, parts, _ in split]
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+
+
+def _label_problem(label: str, max_length: int) -> str | None:
+    if not label:
+        return "is empty"
+    for char in label:
+        category = unicodedata.category(char)
+        # Cc control, Cs lone surrogate (JSON lets them through), Zl/Zp line breaks, Cf invisible formatting
+        # (except the zero-width joiner that emoji sequences need).
+        if category in ("Cc", "Cs", "Zl", "Zp") or (category == "Cf" and char != "\u200d"):
+            return f"contains the control or invisible character U+{ord(char):04X}"
+    if "/" in label or "\\" in label:
+        return "contains a path separator ('/' or '\\')"
+    if label in (".", ".."):
+        return "is '.' or '..'"
+    if label != label.strip():
+        return "has leading or trailing whitespace; remove it"
+    if len(label) > max_length:
+        return f"is {len(label)} characters long, the maximum is {max_length}"
+    return None
+
+
+def _check_labels(labels: list[str], limits: UploadLimits) -> None:
+    problems = [
+        {"label": label if len(label) <= 100 else label[:100] + "…", "reason": reason}
+        for label in dict.fromkeys(labels)
+        if (reason := _label_problem(label, limits.max_label_length)) is not None
+    ]
+    if problems:
+        shown = "; ".join(f"{p['label']!r} {p['reason']}" for p in problems[:_MESSAGE_ITEMS])
+        rule = f"labels are 1 to {limits.max_label_length} characters, without control characters, '/', '\\' or"
+        message = f"{len(problems)} invalid label(s): {shown}. Fix them: {rule} surrounding spaces, not '.' or '..'"
+        raise ApiError(422, "invalid_label", message, {"labels": problems})
+
+
+def _parse_labels(values: list[str]) -> list[str]:
+    """One label per field, or a single field holding a JSON list (recognised by its leading '[')."""
+    if len(values) != 1 or not values[0].lstrip().startswith("["):
+        return values
+    hint = 'send a JSON list of strings such as ["cat", "dog"], or one labels field per image'
+    try:
+        parsed = json.loads(values[0])
+    except json.JSONDecodeError as exc:
+        raise _bad(f"the labels field starts with '[' but is not valid JSON ({exc}); {hint}") from exc
+    if not isinstance(parsed, list) or not all(isinstance(item, str) for item in parsed):
+        raise _bad(f"the JSON labels field is not a list of strings; {hint}")
+    return parsed
+
+
+def _finish_task(
+    images: list[tuple[str, bytes]], labels: list[str], name: str | None, limits: UploadLimits
+) -> TaskUpload:
+    if not images:
+        raise _bad("the upload holds no images; send 'images' file parts with labels, or an archive of folders")
+    if len(images) > limits.max_images:
+        raise _too_large(f"{len(images)} images, the limit is {limits.max_images} per task")
+    if len(labels) != len(images):
+        message = f"{len(images)} images but {len(labels)} labels; send one label per image, in the same order"
+        raise _bad(message, {"images": len(images), "labels": len(labels)})
+    _check_labels(labels, limits)
+    counts = Counter(labels)
+    least = limits.min_images_per_class
+    if short := [label for label, count in counts.items() if count < least]:
+        shown = ", ".join(f"{label!r} has {counts[label]}" for label in short[:_MESSAGE_ITEMS])
+        message = f"every class needs at least {least} images, {len(short)} have fewer: {shown}; add images"
+        details = {"min_images_per_class": least, "counts": dict(counts), "classes": short}
+        raise ApiError(422, "too_few_images", message, details)
+    return TaskUpload(images=images, labels=labels, classes=list(counts), name=name)
+
+
+# ---------------------------------------------------------------------------------------------------- entry points
+
+
+def _unsupported(content_type: str, accepted: list[str]) -> ApiError:
+    message = f"Content-Type {content_type or '(none)'!r} is not accepted here; send one of: {', '.join(accepted)}"
+    return ApiError(415, "unsupported_media_type", message, {"content_type": content_type, "accepted": accepted})
+
+
+async def _task_from_multipart(
+    request: Request, limits: UploadLimits
+) -> tuple[list[tuple[str, bytes]], list[str], str | None]:
+    label_bytes = max(_MiB, limits.max_images * (6 * limits.max_label_length + 4))  # room for an escaped JSON list
+    rules = {
+        "images": _Rule(limits.max_images, limits.max_image_bytes, f"a task has at most {limits.max_images} images"),
+        "labels": _Rule(
+            limits.max_images, label_bytes, f"a task has at most {limits.max_images} images, one label each"
+        ),
+        "name": _Rule(1, 4 * _MAX_NAME_CHARS, f"a task name has at most {_MAX_NAME_CHARS} characters"),
+        "archive": _Rule(1, limits.max_body_bytes, "send fewer or smaller images"),
+    }
+    parts = await _read_multipart(request, limits, rules)
+    archive = [p for p in parts if p.name == "archive"]
+    image_parts = [p for p in parts if p.name == "images"]
+    labels = _parse_labels([p.text() for p in parts if p.name == "labels"])
+    name = next((p.text() for p in parts if p.name == "name"), None) or None
+    if name is not None and (len(name) > _MAX_NAME_CHARS or any(unicodedata.category(c) == "Cc" for c in name)):
+        raise _bad(f"the task name must be at most {_MAX_NAME_CHARS} characters, without control characters")
+    if archive and (image_parts or labels):
+        raise _bad("send an 'archive' part or 'images' and 'labels' parts, not both (archives label by folder)")
+    if archive:
+        images, labels = await anyio.to_thread.run_sync(_read_archive, archive[0].data(), limits)
+        return images, labels, name
+    return [(p.filename or f"image-{i}", p.data()) for i, p in enumerate(image_parts)], labels, name
+
+
+async def read_task_upload(request: Request, limits: UploadLimits) -> TaskUpload:
+    """Reads and checks the body of `POST /tasks` (multipart images+labels, multipart archive, or a raw archive).
+
+    Images are not decoded here; run `service.images.validate_images` in a worker thread afterwards. Labels are
+    not compared with known classes (409 `label_exists` is the caller's check).
+
+    Args:
+        request: The incoming request; its body is consumed.
+        limits: Upload limits.
+
+    Returns:
+        The images, one label per image, the classes in order of first appearance, and the optional name.
+
+    Raises:
+        ApiError: 400 `bad_request` (malformed body or archive, label/image count mismatch, empty upload, labels
+            JSON not a list of strings), 413 `too_large`, 415 `unsupported_media_type`, 422 `invalid_label` or
+            `too_few_images`.
+    """
+    content_type = parse_options_header(request.headers.get("content-type"))[0].decode("latin-1")
+    if content_type == MULTIPART:
+        images, labels, name = await _task_from_multipart(request, limits)
+    elif content_type in ZIP_TYPES or content_type in TAR_TYPES:
+        data = await _read_body(request, limits.max_body_bytes)
+        images, labels = await anyio.to_thread.run_sync(_read_archive, data, limits)
+        name = None
+    else:
+        raise _unsupported(content_type, [MULTIPART, *ZIP_TYPES, *TAR_TYPES])
+    upload = _finish_task(images, labels, name, limits)
+    logger.info("task upload read: %d images, %d classes (%s)", len(upload.images), len(upload.classes), content_type)
+    return upload
+
+
+async def read_predict_images(request: Request, limits: UploadLimits) -> list[tuple[str, bytes]]:
+    """Reads the images of `POST /predict`: multipart `images` parts, or one raw `image/*` body.
+
+    Args:
+        request: The incoming request; its body is consumed.
+        limits: Upload limits (`max_predict_images`, `max_image_bytes` and `max_body_bytes` apply).
+
+    Returns:
+        (file name, raw bytes) pairs in request order, not decoded (use service.images.decode_image off the loop).
+
+    Raises:
+        ApiError: 400 `bad_request` (malformed multipart, no images), 413 `too_large`, 415 `unsupported_media_type`.
+    """
+    content_type = parse_options_header(request.headers.get("content-type"))[0].decode("latin-1")
+    if content_type == MULTIPART:
+        hint = f"send at most {limits.max_predict_images} images of at most {limits.max_image_bytes} bytes each"
+        parts = await _read_multipart(
+            request, limits, {"images": _Rule(limits.max_predict_images, limits.max_image_bytes, hint)}
+        )
+        if not parts:
+            raise _bad("no images; send one or more file parts named 'images'")
+        return [(p.filename or f"image-{i}", p.data()) for i, p in enumerate(parts)]
+    if content_type.startswith("image/"):
+        return [("image", await _read_body(request, min(limits.max_body_bytes, limits.max_image_bytes)))]
+    raise _unsupported(content_type, [MULTIPART, "image/* (one image as the raw body)"])
