@@ -72,7 +72,10 @@ def create_timm_model(backbone: str, weights: str | Path, image_size: int | None
         _load_bundled_efficientnet_lite0(model)
         return model
     if source == WEIGHTS_RANDOM:
-        return timm.create_model(backbone, pretrained=False, **kwargs)
+        # Seeded, so that every process (server replicas, the worker) builds the same "random" backbone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return timm.create_model(backbone, pretrained=False, **kwargs)
     if source == WEIGHTS_HUB:
         try:
             return timm.create_model(backbone, pretrained=True, **kwargs)

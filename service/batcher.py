@@ -86,18 +86,22 @@ class MicroBatcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="care-batcher")
 
     async def stop(self) -> None:
-        """Stop collecting; requests still queued fail with 503 so clients retry elsewhere."""
+        """Stop collecting; the running batch finishes, requests still waiting fail with 503 so clients retry."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        while self._queue:
-            pending = self._queue.popleft()
-            if not pending.future.done():
-                pending.future.set_exception(
+        self._fail_all(list(self._queue))
+        self._queue.clear()
+        await asyncio.to_thread(self._executor.shutdown, True)
+
+    @staticmethod
+    def _fail_all(pending: list[_Pending]) -> None:
+        for item in pending:
+            if not item.future.done():
+                item.future.set_exception(
                     ApiError(503, "shutting_down", "the server is shutting down; retry", headers={"Retry-After": "1"})
                 )
-        self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def submit(self, images: Tensor) -> BatchResult:
         """Queue preprocessed images (n, 3, H, W) and wait for their probabilities."""
@@ -146,11 +150,17 @@ class MicroBatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         in_flight: asyncio.Future[None] | None = None
-        while True:
-            batch = await self._next_batch()
-            if in_flight is not None:
-                await in_flight  # one batch runs while the next one is collected
-            in_flight = loop.run_in_executor(self._executor, self._infer, batch, loop)
+        batch: list[_Pending] = []
+        try:
+            while True:
+                batch = await self._next_batch()
+                if in_flight is not None:
+                    await in_flight  # one batch runs while the next one is collected
+                in_flight = loop.run_in_executor(self._executor, self._infer, batch, loop)
+                batch = []
+        except asyncio.CancelledError:
+            self._fail_all(batch)  # collected but never started
+            raise
 
     def _infer(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         model = self._current()

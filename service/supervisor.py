@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +16,19 @@ logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 30.0
 STOP_TIMEOUT_S = 15.0
+PR_SET_PDEATHSIG = 1
+# Loaded in the parent: a forked child of a threaded process must not dlopen (it could deadlock on the loader lock).
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _stop_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the server dies, even by SIGKILL.
+
+    Without this a killed server leaves an orphaned worker that keeps the lineage lease. SIGTERM (not SIGKILL)
+    lets the worker put the task it was training back in the queue.
+    """
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class WorkerSupervisor:
@@ -37,7 +52,7 @@ class WorkerSupervisor:
     def _spawn(self) -> subprocess.Popen[bytes]:
         env = {**os.environ, **self.settings.environment()}
         command = [sys.executable, "-m", "service.cli", "--log-level", self.settings.log_level, "worker"]
-        process = subprocess.Popen(command, env=env)
+        process = subprocess.Popen(command, env=env, preexec_fn=_stop_with_parent)
         logger.info("started training worker (pid %d)", process.pid)
         return process
 
