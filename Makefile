@@ -10,7 +10,7 @@ APT_PACKAGES := dataset-fashion-mnist fonts-noto-core docker-compose prometheus
 # torch and torchvision first and pinned: on our machines pip takes exactly these from local disk.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help venv apt-deps serve worker test lint typecheck bench-model bench-registry bench-accuracy \
+.PHONY: help venv apt-deps serve worker test lint typecheck check-deploy bench-model bench-registry bench-accuracy \
         bench-accuracy-glyphs100 bench-accuracy-glyphs300 bench-serve clean
 
 help:
@@ -49,7 +49,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) apt-deps lint typecheck
+# The deployment files, checked statically (no Docker engine runs here): the compose stack alone and with its GPU
+# override, Prometheus's configuration and its alert rules. tests/e2e/test_topology.py runs the same topology.
+check-deploy: apt-deps
+	docker-compose -f docker-compose.yml config -q
+	docker-compose -f docker-compose.yml -f docker/compose.gpu.yml config -q
+	promtool check config docker/prometheus.yml
+	promtool check rules docker/alerts.yml
+
+test: $(STAMP) apt-deps lint typecheck check-deploy
 	OMP_NUM_THREADS=2 $(BIN)/pytest -q
 
 bench-model: $(STAMP)

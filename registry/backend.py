@@ -86,6 +86,20 @@ class StorageBackend(Protocol):
         ...
 
 
+_PUBLISHED_MODE = 0o644
+
+
+def _current_umask() -> int:
+    # Read, not set-and-restore: os.umask() would briefly change it for every thread of the process.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -163,6 +177,9 @@ class LocalDirectoryBackend:
         temp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
         try:
             write(temp)
+            # Published files are read by servers that may run as other users; some writers (safetensors'
+            # save_file) create 0600 files. Readable by all, as the umask allows, like the manifests.
+            os.chmod(temp, _PUBLISHED_MODE & ~_current_umask())
             # The writer may have closed the file without fsync (safetensors does); reopen to make it durable.
             fd = os.open(temp, os.O_RDONLY)
             try:

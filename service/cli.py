@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ def machine_description() -> dict[str, object]:
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"{len(__import__('os').sched_getaffinity(0))} CPUs available",
+        f"{len(os.sched_getaffinity(0))} CPUs available",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -83,7 +84,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="care-serve", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    parser.add_argument("--log-level", help="logging level (DEBUG, INFO, WARNING); default CARE_LOG_LEVEL or INFO")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the HTTP server and its training worker")
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = args.log_level or os.environ.get("CARE_LOG_LEVEL") or "INFO"
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler: BenchCommand = args.handler
     return handler(args)
 

@@ -65,9 +65,21 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 
+def process_namespace() -> str:
+    """Where a pid means something: the host name plus the pid namespace (containers on one host can share names).
+
+    Two owner ids with the same namespace refer to processes that can see each other's pids.
+    """
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}-{namespace}"
+
+
 def make_owner_id() -> str:
-    """A lease/claim owner id unique to this process: ``<host>:<pid>:<random>``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    """A lease/claim owner id unique to this process: ``<host>-<pid namespace>:<pid>:<random>``."""
+    return f"{process_namespace()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def iso(ts: float) -> str:

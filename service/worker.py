@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from typing import Any
@@ -23,6 +22,7 @@ from model.backbone import make_transform
 from model.trainer import Lineage, TrainProgress, learn_task
 from registry import Manifest, Registry
 from service.jobs import JobStore, TaskRecord, make_owner_id
+from service.jobs_db import process_namespace
 from service.modelstore import LoadedTasks, ModelStore, NewTask, new_router_cache
 from service.settings import Settings
 from service.state import Preprocessor, load_backbone, upload_limits
@@ -71,13 +71,17 @@ class TrainingWorker:
     # -- lease ------------------------------------------------------------------------------------------------
 
     def _take_over_dead_holder(self) -> None:
-        """A holder that died on this host cannot renew; release its lease now rather than wait for the TTL."""
+        """A holder that died in our pid namespace cannot renew; release its lease now rather than wait for the TTL."""
         holder = self.jobs.lease_holder(LEASE)
-        if holder is None:
+        if holder is None or holder == self.owner:
             return
-        host, _, rest = holder.partition(":")
+        namespace, _, rest = holder.partition(":")
         pid_text = rest.partition(":")[0]
-        if host == socket.gethostname() and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if namespace != process_namespace() or not pid_text.isdigit():
+            return  # another host or container: only its lease expiry can tell
+        pid = int(pid_text)
+        # Our own pid under another owner id is a predecessor whose pid we inherited (a restarted container).
+        if pid == os.getpid() or not _pid_alive(pid):
             logger.warning("lease holder %s is dead; taking the lineage over", holder)
             self.jobs.release_lease(LEASE, holder)
 

@@ -237,3 +237,20 @@ def test_garbage_pointer_is_reported(reg: Registry, root: Path) -> None:
     with pytest.raises(CorruptArtifact, match="pointer file CURRENT holds 'seven'") as info:
         reg.current_version()
     assert info.value.relpath == "CURRENT"
+
+
+def test_published_files_are_readable_by_other_users(tmp_path: Path) -> None:
+    """safetensors creates 0600 files; a server running as another user must still read a published version."""
+    import stat
+
+    registry = Registry.from_path(tmp_path / "r")
+    manifest = registry.publish(
+        parent=None,
+        backbone="b",
+        model_config={"k": 1},
+        tasks=[TaskRecord(task_id="t1", classes=("a",), files={"experts": "tasks/0000-t1/experts.safetensors"})],
+        new_files={"tasks/0000-t1/experts.safetensors": ({"x": torch.zeros(2)}, {})},
+    )
+    for relpath in manifest.files:
+        mode = stat.S_IMODE((tmp_path / "r" / relpath).stat().st_mode)
+        assert mode & 0o044 == 0o044, oct(mode)
