@@ -155,7 +155,9 @@ class MicroBatcher:
             while True:
                 batch = await self._next_batch()
                 if in_flight is not None:
-                    await in_flight  # one batch runs while the next one is collected
+                    # One batch runs while the next one is collected. Shielded: cancelling this task (stop) must not
+                    # cancel an executor job that has not started yet, or its requests would never be answered.
+                    await asyncio.shield(in_flight)
                 in_flight = loop.run_in_executor(self._executor, self._infer, batch, loop)
                 batch = []
         except asyncio.CancelledError:
