@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
@@ -40,13 +39,13 @@ import yaml
 from registry import Registry
 from service.bench.datasets import Task, make_stream, png_bytes
 from service.jobs import JobStore, TaskRecord
+from tests.e2e.harness import CARE_SERVE, Process, free_port, start, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-CARE_SERVE = str(Path(sys.executable).with_name("care-serve"))
 
 POLL_INTERVAL_S = 0.5
 # Reading a new version's files, verifying their hashes and swapping it in, on a loaded 2-core machine.
@@ -72,8 +71,6 @@ COMMON_ENV = {
     "OMP_NUM_THREADS": "1",
 }
 
-T = TypeVar("T")
-
 if not Path(PROMETHEUS).is_file():
     pytest.skip(
         f"{PROMETHEUS} is missing: install the Debian package `prometheus` (`make apt-deps` does)",
@@ -82,35 +79,6 @@ if not Path(PROMETHEUS).is_file():
 
 
 # ---- processes -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def tail(self, lines: int = 25) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()[-lines:]
-        except FileNotFoundError:
-            text = []
-        return f"--- {self.name} (pid {self.pid}, exit {self.popen.poll()}) ---\n" + "\n".join(text)
-
-    def stop(self, timeout_s: float = 20.0) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.terminate()
-            try:
-                self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)  # its own session: only this process and its children
-                self.popen.wait(10)
 
 
 @dataclass
@@ -142,36 +110,6 @@ class Stack:
 
     def jobs(self) -> JobStore:
         return JobStore(self.data_dir / "jobs.sqlite3", self.data_dir / "uploads")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start(name: str, argv: list[str], env: dict[str, str], logs: Path) -> Process:
-    log = logs / f"{name}.log"
-    with log.open("wb") as out:
-        popen = subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-    return Process(name, popen, log)
-
-
-def wait_until(what: str, probe: Callable[[], T | None], timeout_s: float, logs: Callable[[], str]) -> T:
-    """Poll `probe` until it returns something other than None (exceptions count as not yet)."""
-    deadline = time.monotonic() + timeout_s
-    last_error: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = probe()
-        except (httpx.HTTPError, OSError, ValueError, KeyError) as error:
-            last_error, value = error, None
-        if value is not None:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (last error: {last_error!r})\n{logs()}")
 
 
 def readonly_mount_prefix(directory: Path) -> list[str] | None:
