@@ -82,6 +82,63 @@ def _worker(args: argparse.Namespace) -> int:
     return run_worker(_settings(args))
 
 
+def _bench_accuracy(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from service.bench.accuracy import PRESETS, markdown_table, run, write_report
+
+    torch.set_num_threads(args.threads)
+    if args.stream not in PRESETS:
+        raise SystemExit(f"unknown stream {args.stream!r}; presets: {', '.join(PRESETS)}")
+    preset = PRESETS[args.stream]
+    changes: dict[str, object] = {
+        key: value
+        for key, value in {
+            "image_size": args.image_size,
+            "train_per_class": args.train_per_class,
+            "test_per_class": args.test_per_class,
+            "num_tasks": args.num_tasks,
+            "seed": args.seed,
+        }.items()
+        if value is not None
+    }
+    if args.epochs is not None:
+        changes["train"] = dataclasses.replace(preset.train, epochs=args.epochs)
+    preset = dataclasses.replace(preset, **changes)  # type: ignore[arg-type]
+    bar = tqdm(desc=f"{args.stream}", unit="task")
+
+    def progress(done: int, total: int, accuracy: dict[str, float]) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+        bar.set_postfix({name: f"{value * 100:.1f}" for name, value in accuracy.items()})
+
+    result = run(preset, args.methods.split(","), progress)
+    bar.close()
+    path = write_report(result, Path(args.out), machine_description())
+    print(markdown_table(result))  # noqa: T201 - the table is the command's output
+    logger.info(
+        "raw numbers in %s, plot in %s (%.0f s in all)", path, path.with_suffix(".png"), result["total_seconds"]
+    )
+    return 0
+
+
+def _bench_export(args: argparse.Namespace) -> int:
+    """Write tasks of an offline stream as ImageFolder zips (to upload) and their test images (to predict)."""
+    from service.bench.datasets import make_stream, write_imagefolder, write_imagefolder_zip
+
+    stream = make_stream(args.stream, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for task in stream.tasks[: args.tasks]:
+        write_imagefolder_zip(task, out / f"task-{task.index}.zip")
+        write_imagefolder(task, out / "test", split="test")
+        logger.info("task %d: %s -> %s", task.index, ", ".join(task.classes), out / f"task-{task.index}.zip")
+    logger.info("test images of those classes under %s/<label>/", out / "test")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="care-serve", description=__doc__)
     parser.add_argument("--log-level", help="logging level (DEBUG, INFO, WARNING); default CARE_LOG_LEVEL or INFO")
@@ -111,6 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--threads", type=int, default=2)
     model.add_argument("--out", default="docs/bench")
     model.set_defaults(handler=_bench_model)
+
+    accuracy = benches.add_parser("accuracy", help="CaRE against SimpleCIL and RanPAC on a class-incremental stream")
+    accuracy.add_argument("--stream", default="fmnist5", help="preset: fmnist5, glyphs100, glyphs300")
+    accuracy.add_argument("--methods", default="care,simplecil,ranpac", help="comma-separated; also care-m1")
+    accuracy.add_argument("--image-size", type=int, help="override the preset's input resolution")
+    accuracy.add_argument("--train-per-class", type=int, help="override the preset's training images per class")
+    accuracy.add_argument("--test-per-class", type=int, help="override the preset's test images per class")
+    accuracy.add_argument("--num-tasks", type=int, help="only the first N tasks' worth of classes (quick runs)")
+    accuracy.add_argument("--epochs", type=int, help="override CaRE's epochs per task")
+    accuracy.add_argument("--seed", type=int)
+    accuracy.add_argument("--threads", type=int, default=2)
+    accuracy.add_argument("--out", default="docs/bench")
+    accuracy.set_defaults(handler=_bench_accuracy)
+
+    export = benches.add_parser("export", help="write tasks of an offline stream as ImageFolder zips (demo data)")
+    export.add_argument("--stream", default="digits5", help="digits5 (bundled), fmnist5, glyphs100, ...")
+    export.add_argument("--tasks", type=int, default=2, help="how many tasks to write")
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--out", default="demo")
+    export.set_defaults(handler=_bench_export)
     return parser
 
 
