@@ -334,8 +334,27 @@ def learn_task(
     progress: ProgressFn | None = None,
 ) -> LearnedTask:
     """Learn one task of `num_classes` new classes from preprocessed images (N, 3, H, W) and labels 0..n-1."""
-    if labels.min() < 0 or labels.max() >= num_classes or len(labels) != len(images):
-        raise ValueError(f"need one label in 0..{num_classes - 1} per image, got {len(labels)} for {len(images)}")
+    started = time.perf_counter()
+    hidden = embed_images(backbone, images.to(lineage.classifier.device))
+    learned = learn_task_embedded(backbone, config, train, lineage, hidden, labels, num_classes, progress)
+    total = time.perf_counter() - started
+    learned.metrics.update(embed_seconds=total - learned.metrics["seconds"], seconds=total)
+    return learned
+
+
+def learn_task_embedded(
+    backbone: SiteBackbone,
+    config: ModelConfig,
+    train: TrainConfig,
+    lineage: Lineage,
+    hidden: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    progress: ProgressFn | None = None,
+) -> LearnedTask:
+    """`learn_task` from the backbone's output below the first site (`embed_images`), for callers that reuse it."""
+    if len(labels) == 0 or labels.min() < 0 or labels.max() >= num_classes or len(labels) != len(hidden):
+        raise ValueError(f"need one label in 0..{num_classes - 1} per image, got {len(labels)} for {len(hidden)}")
     if lineage.statistics is not None and lineage.statistics.mode != train.covariance:
         raise ValueError(
             f"the lineage keeps {lineage.statistics.mode} class statistics; train with covariance="
@@ -346,9 +365,8 @@ def learn_task(
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(train.seed)  # dropout masks
         trainer = _TaskTrainer(backbone, config, train, lineage, num_classes, progress)
-        hidden = embed_images(backbone, images.to(device))
+        hidden = hidden.to(device)
         labels = labels.to(device)
-        embedded = time.perf_counter()
         epochs, lr = train.epochs, train.lr
         if trainer.index == 0:
             loss = trainer.run_stage(hidden, labels, epochs, lambda e: lr * 0.5 * (1 + math.cos(math.pi * e / epochs)))
@@ -375,12 +393,7 @@ def learn_task(
         trainer.shared.eval().requires_grad_(False)
     learned = LearnedTask(trainer.index, trainer.task, trainer.shared, classifier, statistics)
     accuracy = _train_accuracy(backbone, config, lineage, learned, hidden, labels)
-    learned.metrics.update(
-        train_accuracy=accuracy,
-        final_loss=loss,
-        embed_seconds=embedded - started,
-        seconds=time.perf_counter() - started,
-    )
+    learned.metrics.update(train_accuracy=accuracy, final_loss=loss, seconds=time.perf_counter() - started)
     return learned
 
 

@@ -1,0 +1,340 @@
+"""`care-serve bench accuracy`: CaRE against SimpleCIL and RanPAC on offline class-incremental streams.
+
+Every method sees the same frozen backbone and the same images. Each image goes through the backbone below the
+first BR-MoE site once (the expensive part); CaRE trains and predicts from that embedding with the very trainer the
+service uses (`learn_task_embedded`), and the baselines use the unadapted backbone's pooled feature computed from
+the same embedding. After every task each method is tested on the test images of every task seen so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from model.backbone import WEIGHTS_BUNDLED, SiteBackbone, build_backbone, bundled_weights_available, make_transform
+from model.config import ModelConfig, TrainConfig
+from model.network import CareModel, run_sites
+from model.trainer import Lineage, advance, embed_images, learn_task_embedded
+from service.bench.baselines import RanPAC, SimpleCIL
+from service.bench.datasets import Task, make_stream
+from service.bench.metrics import AccuracyMatrix, evaluate_stage
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 128  # images per no-grad forward chunk
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A stream and the budget to run it in (see docs/benchmarks.md for what each preset costs)."""
+
+    stream: str
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 96
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    num_tasks: int | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ranpac_dim: int = 2048
+    sites: tuple[str, ...] = ()
+    seed: int = 0
+
+
+PRESETS: dict[str, Preset] = {
+    "fmnist5": Preset(
+        "fmnist5", image_size=96, train_per_class=300, test_per_class=200,
+        train=TrainConfig(epochs=10, batch_size=32, align_epochs=5, align_samples_per_class=128),
+    ),
+    "glyphs100": Preset(
+        "glyphs100", image_size=64, train_per_class=20, test_per_class=10,
+        train=TrainConfig(epochs=6, batch_size=32, align_epochs=2, align_samples_per_class=16, align_batch_size=256),
+    ),
+    "glyphs300": Preset(
+        "glyphs300", image_size=64, train_per_class=20, test_per_class=10,
+        train=TrainConfig(epochs=6, batch_size=30, align_epochs=1, align_samples_per_class=16, align_batch_size=256),
+    ),
+}  # fmt: skip
+
+
+@dataclass
+class TaskData:
+    """One task's images as the methods consume them."""
+
+    embedded: Tensor  # backbone output below the first site (CaRE)
+    features: Tensor  # (N, D) unadapted pooled features (baselines)
+    labels: Tensor  # (N,) global class indices
+
+
+class Method(Protocol):
+    name: str
+
+    def learn(self, data: TaskData, num_classes: int) -> None: ...
+
+    def predict(self, data: TaskData) -> Tensor: ...
+
+    def state_bytes(self) -> int: ...
+
+
+class FeatureMethod:
+    """Adapts a baseline on pooled features (SimpleCIL, RanPAC) to the benchmark."""
+
+    def __init__(self, name: str, classifier: SimpleCIL | RanPAC) -> None:
+        self.name = name
+        self.classifier = classifier
+
+    def learn(self, data: TaskData, num_classes: int) -> None:  # noqa: ARG002 - the labels say it all
+        self.classifier.learn(data.features, data.labels)
+
+    def predict(self, data: TaskData) -> Tensor:
+        return self.classifier.predict(data.features)
+
+    def state_bytes(self) -> int:
+        tensors = [v for v in vars(self.classifier).values() if isinstance(v, Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class CareMethod:
+    """CaRE through the service's own trainer; routers stay in memory."""
+
+    def __init__(self, name: str, backbone: SiteBackbone, config: ModelConfig, train: TrainConfig) -> None:
+        self.name = name
+        self.backbone, self.config, self.train = backbone, config, train
+        self.lineage = Lineage.empty(backbone.feature_dim)
+        self.offset = 0
+        self.task_seconds: list[float] = []
+
+    def learn(self, data: TaskData, num_classes: int) -> None:
+        local = data.labels - self.offset
+        learned = learn_task_embedded(
+            self.backbone, self.config, self.train, self.lineage, data.embedded, local, num_classes
+        )
+        self.task_seconds.append(learned.metrics["seconds"])
+        self.lineage = advance(self.lineage, learned, self.backbone.site_dims, self.config)
+        self.offset += num_classes
+
+    def predict(self, data: TaskData) -> Tensor:
+        assert self.lineage.bank is not None
+        model = CareModel(self.config, self.backbone, self.lineage.bank, self.lineage.classifier)
+        return torch.cat(
+            [
+                model.logits_from_embedding(data.embedded[i : i + CHUNK], self.lineage.routers).argmax(dim=1)
+                for i in range(0, len(data.embedded), CHUNK)
+            ]
+        )
+
+    def state_bytes(self) -> int:
+        lineage = self.lineage
+        total = lineage.classifier.numel() * 4
+        if lineage.statistics is not None:
+            total += sum(t.numel() * t.element_size() for t in lineage.statistics.to_tensors().values())
+        if lineage.bank is not None:
+            for site in lineage.bank.sites:
+                for stack in (site.experts, site.shared):
+                    total += sum(t.numel() * 4 for t in vars(stack).values() if isinstance(t, Tensor))
+                total += site.perceptrons.weight.numel() * 4 + site.perceptrons.bias.numel() * 4
+        routers = getattr(lineage.routers, "routers", [])
+        total += sum(w.numel() * 4 + b.numel() * 4 for task in routers for w, b in task)
+        return int(total)
+
+
+class PeakRss:
+    """Samples this process's resident memory every 50 ms while running (the peak of a method's calls)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def current() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.current())
+
+    def __enter__(self) -> PeakRss:
+        self.peak = self.current()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current())
+
+
+@dataclass
+class MethodResult:
+    name: str
+    matrix: AccuracyMatrix = field(default_factory=AccuracyMatrix)
+    learn_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    state_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "accuracy": self.matrix.to_dict(),
+            "learn_seconds": round(self.learn_seconds, 2),
+            "eval_seconds": round(self.eval_seconds, 2),
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "state_bytes": self.state_bytes,
+        }
+
+
+def _no_adapter(_site: int) -> Callable[[Tensor, Tensor], Tensor]:
+    return lambda tokens, _routing: torch.zeros_like(tokens)
+
+
+class _Encoder:
+    """Preprocess, embed below the first site once, and derive the unadapted pooled feature from that embedding."""
+
+    def __init__(self, backbone: SiteBackbone, image_size: int) -> None:
+        self.backbone = backbone
+        self.transform = make_transform(backbone, image_size)
+
+    def __call__(self, images: Sequence[Any], labels: Tensor) -> TaskData:
+        embedded, features = [], []
+        with torch.inference_mode():
+            for start in range(0, len(images), CHUNK):
+                batch = torch.stack([self.transform(image) for image in images[start : start + CHUNK]])
+                hidden = embed_images(self.backbone, batch)
+                embedded.append(hidden)
+                features.append(run_sites(self.backbone, hidden, _no_adapter))
+        return TaskData(torch.cat(embedded), torch.cat(features), labels)
+
+
+def build_methods(names: Sequence[str], preset: Preset, backbone: SiteBackbone, config: ModelConfig) -> list[Method]:
+    methods: list[Method] = []
+    for name in names:
+        if name == "simplecil":
+            methods.append(FeatureMethod(name, SimpleCIL()))
+        elif name == "ranpac":
+            methods.append(FeatureMethod(name, RanPAC(preset.ranpac_dim, seed=preset.seed)))
+        elif name == "care":
+            methods.append(CareMethod(name, backbone, config, preset.train))
+        elif name == "care-m1":
+            # Ablation: a single router per site (M = 1) instead of CaRE's two.
+            methods.append(CareMethod(name, backbone, dataclasses.replace(config, top_routers=1), preset.train))
+        else:
+            raise ValueError(f"unknown method {name!r}; choose from care, care-m1, simplecil, ranpac")
+    return methods
+
+
+def run(
+    preset: Preset,
+    method_names: Sequence[str],
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Run every method over the preset's stream; returns the JSON-ready results."""
+    started = time.perf_counter()
+    stream = make_stream(
+        preset.stream,
+        seed=preset.seed,
+        train_per_class=preset.train_per_class,
+        test_per_class=preset.test_per_class,
+        **({"num_tasks": preset.num_tasks} if preset.num_tasks else {}),
+    )
+    config = ModelConfig(backbone=preset.backbone, sites=preset.sites, image_size=preset.image_size)
+    weights = WEIGHTS_BUNDLED if bundled_weights_available(preset.backbone) else "random"
+    backbone = build_backbone(config, weights)
+    encode = _Encoder(backbone, preset.image_size)
+    methods = build_methods(method_names, preset, backbone, config)
+    results = {m.name: MethodResult(m.name) for m in methods}
+    tests: list[TaskData] = []
+    encode_seconds = 0.0
+    offset = 0
+    for task in stream.tasks:
+        encoded_at = time.perf_counter()
+        train, test = _encode_task(encode, task, offset)
+        tests.append(test)
+        encode_seconds += time.perf_counter() - encoded_at
+        for method in methods:
+            result = results[method.name]
+            with PeakRss() as rss:
+                learn_started = time.perf_counter()
+                method.learn(train, len(task.classes))
+                result.learn_seconds += time.perf_counter() - learn_started
+            result.peak_rss_bytes = max(result.peak_rss_bytes, rss.peak)
+            eval_started = time.perf_counter()
+            predictions = [method.predict(test) for test in tests]
+            stage = evaluate_stage(lambda predicted: predicted, predictions, [t.labels for t in tests])
+            result.eval_seconds += time.perf_counter() - eval_started
+            result.matrix.append(stage)
+        offset += len(task.classes)
+        task.release()
+        if progress is not None:
+            progress(task.index + 1, len(stream.tasks), {n: r.matrix.overall[-1] for n, r in results.items()})
+    for method in methods:
+        results[method.name].state_bytes = method.state_bytes()
+    return {
+        "preset": {**dataclasses.asdict(preset), "train": dataclasses.asdict(preset.train)},
+        "stream": {"name": preset.stream, "tasks": len(stream.tasks), "classes": len(stream.classes)},
+        "encode_seconds": round(encode_seconds, 2),
+        "total_seconds": round(time.perf_counter() - started, 2),
+        "methods": {name: result.to_dict() for name, result in results.items()},
+    }
+
+
+def _encode_task(encode: _Encoder, task: Task, offset: int) -> tuple[TaskData, TaskData]:
+    classes = {label: offset + i for i, label in enumerate(task.classes)}
+    train_labels = torch.tensor([classes[label] for label in task.train.labels])
+    test_labels = torch.tensor([classes[label] for label in task.test.labels])
+    return encode(task.train.images, train_labels), encode(task.test.images, test_labels)
+
+
+def write_report(result: dict[str, Any], out_dir: Path, meta: dict[str, object]) -> Path:
+    """JSON with every number, and a PNG of accuracy on all seen classes after each task."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stream = result["stream"]["name"]
+    path = out_dir / f"accuracy_{stream}.json"
+    path.write_text(json.dumps({"meta": meta, **result}, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for name, method in result["methods"].items():
+        overall = [stage["overall"] * 100 for stage in method["accuracy"]["stages"]]
+        axis.plot(range(1, len(overall) + 1), overall, label=name, marker="o" if len(overall) <= 20 else None)
+    axis.set_xlabel("tasks learned")
+    axis.set_ylabel("accuracy on all seen classes (%)")
+    axis.set_title(f"{stream}: {result['stream']['tasks']} tasks, {result['stream']['classes']} classes")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out_dir / f"accuracy_{stream}.png", dpi=110)
+    plt.close(figure)
+    return path
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    lines = [
+        "| method | last accuracy A_B | average accuracy A-bar | forgetting | learn s | eval s | peak RSS MiB "
+        "| state MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, method in result["methods"].items():
+        summary = method["accuracy"]["summary"]
+        lines.append(
+            f"| {name} | {summary['last_accuracy'] * 100:.2f} | {summary['average_incremental_accuracy'] * 100:.2f} | "
+            f"{summary['forgetting'] * 100:.2f} | {method['learn_seconds']:.0f} | {method['eval_seconds']:.0f} | "
+            f"{method['peak_rss_bytes'] / 2**20:.0f} | {method['state_bytes'] / 2**20:.1f} |"
+        )
+    return "\n".join(lines)
