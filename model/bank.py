@@ -28,11 +28,15 @@ def _cat(parts: Sequence[Tensor]) -> Tensor:
 
 @dataclass(frozen=True)
 class FoldedAdapters:
-    """Folded adapters: `E_i(x) = up_weight[i] relu(down_weight[i] xhat + down_bias[i]) + up_bias[i]`."""
+    """Folded adapters: `E_i(x) = relu(xhat down_weight[i]^T + down_bias[i]) up_weight[i] + up_bias[i]`.
+
+    The up-projection is stored transposed, (n, r, d), so that hidden units (..., r) multiply it without a
+    transpose and gathered experts concatenate along r with no copy.
+    """
 
     down_weight: Tensor  # (n, r, d)
     down_bias: Tensor  # (n, r)
-    up_weight: Tensor  # (n, d, r)
+    up_weight: Tensor  # (n, r, d)
     up_bias: Tensor  # (n, d)
 
     @classmethod
@@ -77,7 +81,7 @@ class AdapterStack:
         return FoldedAdapters(
             down_weight=self.down_weight * self.norm_weight[:, None, :],
             down_bias=torch.einsum("nrd,nd->nr", self.down_weight, self.norm_bias) + self.down_bias,
-            up_weight=self.scale[:, :, None] * self.up_weight,
+            up_weight=(self.scale[:, :, None] * self.up_weight).transpose(1, 2).contiguous(),
             up_bias=self.scale * self.up_bias,
         )
 
@@ -103,16 +107,19 @@ class AdapterStack:
 
 @dataclass(frozen=True)
 class FoldedPerceptrons:
-    """Folded perceptrons: logits of task t are `weight[t] xhat + bias[t]`; padded classes have bias -inf."""
+    """Folded perceptrons: logits of task t are `xhat weight[t] + bias[t]`; padded classes have bias -inf.
 
-    weight: Tensor  # (T, n_max, d)
+    The weight is stored transposed, (T, d, n_max), for a batched matmul with (T, B, d) inputs.
+    """
+
+    weight: Tensor  # (T, d, n_max)
     bias: Tensor  # (T, n_max)
 
     @classmethod
     def concat(cls, parts: Sequence[FoldedPerceptrons]) -> FoldedPerceptrons:
-        width = max(int(p.weight.shape[1]) for p in parts)
+        width = max(int(p.bias.shape[1]) for p in parts)
         return cls(
-            weight=_cat([_pad_classes(p.weight, width, 0.0) for p in parts]),
+            weight=_cat([_pad_classes(p.weight.transpose(1, 2), width, 0.0).transpose(1, 2) for p in parts]),
             bias=_cat([_pad_classes(p.bias, width, float("-inf")) for p in parts]),
         )
 
@@ -163,7 +170,7 @@ class PerceptronStack:
 
     def fold(self) -> FoldedPerceptrons:
         return FoldedPerceptrons(
-            weight=self.weight * self.norm_weight[:, None, :],
+            weight=(self.weight * self.norm_weight[:, None, :]).transpose(1, 2).contiguous(),
             bias=torch.einsum("tnd,td->tn", self.weight, self.norm_bias) + self.bias,
         )
 

@@ -50,8 +50,9 @@ def _normalize(x: Tensor) -> Tensor:
 
 
 def _record(options: RoutingOptions, logits: Tensor, selected: Tensor, num_classes: int | None) -> None:
+    # logits are (T, B, n): task first
     if options.perceptron_logits is not None and options.forced_task is not None and num_classes is not None:
-        options.perceptron_logits.append(logits[:, options.forced_task, :num_classes])
+        options.perceptron_logits.append(logits[options.forced_task, :, :num_classes])
     if options.selected is not None:
         options.selected.append(selected)
 
@@ -82,46 +83,42 @@ def fast_moe(
         (B, N, d) delta to add to the residual stream.
     """
     num_tasks, bottleneck, _ = experts.down_weight.shape
-    batch = tokens.shape[0]
+    batch, tokens_per_sample, dim = tokens.shape
     training = options.dropout > 0.0
 
-    # Level 1 on the CLS/pooled vector only: every expert (one GEMM) and every perceptron.
+    # Level 1 on the CLS/pooled vector only: every expert's down-projection in one GEMM, then the up-projections and
+    # the perceptrons as task-batched matmuls, all laid out (T, B, ...) so that no large permuted copy is made.
     cls_hidden = F.relu(
-        _normalize(routing) @ experts.down_weight.reshape(num_tasks * bottleneck, -1).T + experts.down_bias.reshape(-1)
+        torch.addmm(experts.down_bias.reshape(-1), _normalize(routing), experts.down_weight.reshape(-1, dim).T)
     )
-    cls_hidden = F.dropout(cls_hidden, options.dropout, training).reshape(batch, num_tasks, bottleneck)
-    routing_inputs = torch.einsum("btr,tdr->btd", cls_hidden, experts.up_weight) + experts.up_bias  # c_t
-    logits = torch.einsum("btd,tnd->btn", _normalize(routing_inputs), perceptrons.weight) + perceptrons.bias
-    selected = select_routers(entropy(logits), options.top_routers, options.forced_task)
+    cls_hidden = F.dropout(cls_hidden, options.dropout, training)
+    per_task = cls_hidden.reshape(batch, num_tasks, bottleneck).transpose(0, 1)  # (T, B, r)
+    routing_inputs = torch.baddbmm(experts.up_bias[:, None, :], per_task, experts.up_weight)  # c_t: (T, B, d)
+    logits = torch.baddbmm(perceptrons.bias[:, None, :], _normalize(routing_inputs), perceptrons.weight)  # (T, B, n)
+    selected = select_routers(entropy(logits).T, options.top_routers, options.forced_task)
     _record(options, logits, selected, forced_classes)
 
     # Level 2: top-K experts per selected router.
     gate_logits = router_logits(routing_inputs, selected, num_tasks, site, routers)
     indices, weights = sparse_gates(gate_logits, options.top_experts)  # (B, S)
 
-    # Gather the selected experts per sample, append E_bar, and run them on all tokens with two batched matmuls.
+    # The selected experts, gathered per sample, run on all tokens as two batched matmuls; the gate weights are
+    # folded into the gathered up-projections. E_bar runs as two plain GEMMs over every token of the batch.
     slots = indices.shape[1]
-    down = torch.cat(
-        [
-            experts.down_weight[indices].reshape(batch, slots * bottleneck, -1),
-            shared.down_weight.expand(batch, -1, -1),
-        ],
-        dim=1,
-    )  # (B, S*r + r_s, d)
-    down_bias = torch.cat([experts.down_bias[indices].reshape(batch, -1), shared.down_bias.expand(batch, -1)], dim=1)
-    up_selected = experts.up_weight[indices] * weights[:, :, None, None]  # (B, S, d, r), gate folded in
-    up = torch.cat(
-        [
-            up_selected.permute(0, 2, 1, 3).reshape(batch, -1, slots * bottleneck),
-            shared.up_weight.expand(batch, -1, -1),
-        ],
-        dim=2,
-    )  # (B, d, S*r + r_s)
-    up_bias = (experts.up_bias[indices] * weights[:, :, None]).sum(dim=1) + shared.up_bias.reshape(1, -1)
+    normed = _normalize(tokens)
+    down = experts.down_weight[indices].reshape(batch, slots * bottleneck, dim)
+    down_bias = experts.down_bias[indices].reshape(batch, 1, slots * bottleneck)
+    hidden = F.dropout(F.relu(torch.baddbmm(down_bias, normed, down.transpose(1, 2))), options.dropout, training)
+    up = (experts.up_weight[indices] * weights[:, :, None, None]).reshape(batch, slots * bottleneck, dim)
+    up_bias = (experts.up_bias[indices] * weights[:, :, None]).sum(dim=1)
+    mixed = torch.baddbmm(up_bias[:, None, :], hidden, up)
 
-    hidden = F.relu(torch.baddbmm(down_bias[:, None, :], _normalize(tokens), down.transpose(1, 2)))
-    hidden = F.dropout(hidden, options.dropout, training)
-    return torch.baddbmm(up_bias[:, None, :], hidden, up.transpose(1, 2))
+    flat = normed.reshape(batch * tokens_per_sample, dim)
+    shared_hidden = F.relu(torch.addmm(shared.down_bias[0], flat, shared.down_weight[0].T))
+    shared_out = torch.addmm(
+        shared.up_bias[0], F.dropout(shared_hidden, options.dropout, training), shared.up_weight[0]
+    )
+    return mixed + shared_out.reshape(batch, tokens_per_sample, dim)
 
 
 def _apply_adapter(stack: AdapterStack, index: int, x: Tensor) -> Tensor:
@@ -144,18 +141,18 @@ def reference_moe(
     """BR-MoE delta at one site, term by term as in CaRE eqs. 3-7 (inference only): every expert on every token."""
     num_tasks = experts.count
     outputs = torch.stack([_apply_adapter(experts, t, tokens) for t in range(num_tasks)], dim=1)  # (B, T, N, d)
-    routing_inputs = torch.stack([_apply_adapter(experts, t, routing) for t in range(num_tasks)], dim=1)
-    logits = torch.full((tokens.shape[0], num_tasks, max(perceptrons.num_classes)), float("-inf"), device=tokens.device)
+    routing_inputs = torch.stack([_apply_adapter(experts, t, routing) for t in range(num_tasks)])  # (T, B, d)
+    logits = torch.full((num_tasks, tokens.shape[0], max(perceptrons.num_classes)), float("-inf"), device=tokens.device)
     for t, classes in enumerate(perceptrons.num_classes):
         normed = F.layer_norm(
-            routing_inputs[:, t],
+            routing_inputs[t],
             routing.shape[-1:],
             perceptrons.norm_weight[t],
             perceptrons.norm_bias[t],
             LAYER_NORM_EPS,
         )
-        logits[:, t, :classes] = F.linear(normed, perceptrons.weight[t, :classes], perceptrons.bias[t, :classes])
-    selected = select_routers(entropy(logits), options.top_routers)
+        logits[t, :, :classes] = F.linear(normed, perceptrons.weight[t, :classes], perceptrons.bias[t, :classes])
+    selected = select_routers(entropy(logits).T, options.top_routers)
     _record(options, logits, selected, None)
     gates = dense_gates(router_logits(routing_inputs, selected, num_tasks, site, routers), options.top_experts)
     mixed = torch.einsum("bt,btnd->bnd", gates, outputs)

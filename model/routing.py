@@ -50,7 +50,7 @@ def router_logits(inputs: Tensor, selected: Tensor, num_tasks: int, site: int, r
     """Gate logits of every selected router, padded with -inf to the current number of experts.
 
     Args:
-        inputs: (B, T, d) routing inputs: c_t = E_t(z)[CLS] for every task t ("after adapter" placement).
+        inputs: (T, B, d) routing inputs: c_t = E_t(z)[CLS] for every task t ("after adapter" placement).
         selected: (B, M') selected task indices.
         num_tasks: T.
         site: Site index, to pick the site's weights from each task's routers.
@@ -62,7 +62,7 @@ def router_logits(inputs: Tensor, selected: Tensor, num_tasks: int, site: int, r
     batch, per_sample = selected.shape
     flat = selected.reshape(-1)
     rows = torch.arange(batch, device=selected.device).repeat_interleave(per_sample)
-    chosen_inputs = inputs[rows, flat]  # (B*M', d)
+    chosen_inputs = inputs[flat, rows]  # (B*M', d)
     # Group the (sample, router) pairs by task so each router is fetched once and used in one matmul.
     order = torch.argsort(flat, stable=True)
     tasks, counts = torch.unique_consecutive(flat[order], return_counts=True)

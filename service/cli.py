@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from service.allocator import tune_allocator
 from service.settings import Settings
 
 logger = logging.getLogger("care_serve")
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--batch", type=int, default=16, help="batch size for CNN backbones")
     model.add_argument("--batch-vit", type=int, default=8, help="batch size for ViT backbones")
     model.add_argument("--image-size", type=int, default=224)
-    model.add_argument("--repeats", type=int, default=5)
+    model.add_argument("--repeats", type=int, default=9)
     model.add_argument("--reference-max-tasks", type=int, default=300, help="skip the reference path above this")
     model.add_argument("--threads", type=int, default=2)
     model.add_argument("--out", default="docs/bench")
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    tune_allocator()
     level = args.log_level or os.environ.get("CARE_LOG_LEVEL") or "INFO"
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler: BenchCommand = args.handler

@@ -46,14 +46,14 @@ def test_router_logits_match_a_naive_loop_and_fetch_each_task_once() -> None:
     routers = CountingRouters(
         [[(torch.randn(t + 1, dim, generator=generator), torch.randn(t + 1, generator=generator))] for t in range(6)]
     )
-    inputs = torch.randn(batch, num_tasks, dim, generator=generator)
+    inputs = torch.randn(num_tasks, batch, dim, generator=generator)
     selected = torch.randint(0, num_tasks, (batch, 2), generator=generator)
     logits = router_logits(inputs, selected, num_tasks, 0, routers)
     for b in range(batch):
         for m in range(2):
             task = int(selected[b, m])
             weight, bias = routers.routers[task][0]
-            expected = inputs[b, task] @ weight.T + bias
+            expected = inputs[task, b] @ weight.T + bias
             torch.testing.assert_close(logits[b, m, : task + 1], expected)
             assert torch.isinf(logits[b, m, task + 1 :]).all()
     assert sorted(routers.holds) == sorted(set(selected.flatten().tolist()))
