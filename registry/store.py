@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from safetensors.torch import load as safetensors_load
 
 from registry.backend import LocalDirectoryBackend, StorageBackend
 from registry.errors import ArtifactNotFound, CorruptArtifact, VersionNotFound
@@ -218,6 +219,19 @@ class Registry:
         check_size(self.backend, relpath, record, "published file")
         with unreadable_as_corrupt(relpath, "published file"):
             return read_tensors(self.backend.local_path(relpath), keys, device=str(device), source=relpath)
+
+    def load_tensors(self, relpath: str) -> dict[str, torch.Tensor]:
+        """Read every tensor of a published file into memory the caller owns (no memory map stays behind).
+
+        One read and one parse: about twice as fast as ``open_tensors`` plus a copy for small files read whole and
+        often (a router cache reloading evicted routers), and safe against the file being replaced later.
+        """
+        record = self._require_record(relpath)
+        with unreadable_as_corrupt(relpath, "published file"):
+            data = self.backend.read_bytes(relpath)
+            if len(data) != record.size:
+                raise OSError(f"read {len(data)} bytes, the manifest records {record.size}")
+            return safetensors_load(data)
 
     def read_metadata(self, relpath: str) -> dict[str, str]:
         """Return the string metadata in a published file's safetensors header (size-checked like open_tensors)."""

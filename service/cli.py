@@ -125,6 +125,18 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_registry(args: argparse.Namespace) -> int:
+    from service.bench.registry_bench import markdown_tables, run, write_report
+
+    torch.set_num_threads(args.threads)
+    caps: list[float | None] = [None if c == "none" else float(c) for c in args.caps.split(",")]
+    result = run(args.tasks, caps, args.batch, args.batches, args.image_size, logger.info)
+    path = write_report(result, Path(args.out), machine_description())
+    print(markdown_tables(result))  # noqa: T201 - the tables are the command's output
+    logger.info("raw numbers in %s", path)
+    return 0
+
+
 def _bench_export(args: argparse.Namespace) -> int:
     """Write tasks of an offline stream as ImageFolder zips (to upload) and their test images (to predict)."""
     from service.bench.datasets import make_stream, write_imagefolder, write_imagefolder_zip
@@ -164,11 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--batch", type=int, default=16, help="batch size for CNN backbones")
     model.add_argument("--batch-vit", type=int, default=8, help="batch size for ViT backbones")
     model.add_argument("--image-size", type=int, default=224)
-    model.add_argument("--repeats", type=int, default=9)
+    model.add_argument("--repeats", type=int, default=15)
     model.add_argument("--reference-max-tasks", type=int, default=300, help="skip the reference path above this")
     model.add_argument("--threads", type=int, default=2)
     model.add_argument("--out", default="docs/bench")
     model.set_defaults(handler=_bench_model)
+
+    registry = benches.add_parser("registry", help="router load time; batch latency under router caps and task mixes")
+    registry.add_argument("--tasks", type=int, default=300)
+    registry.add_argument("--caps", default="none,1.0,0.25,0.1,0.05", help="fractions of router bytes; none = no cap")
+    registry.add_argument("--batch", type=int, default=16)
+    registry.add_argument("--batches", type=int, default=30, help="timed batches per cap and mix")
+    registry.add_argument("--image-size", type=int, default=224)
+    registry.add_argument("--threads", type=int, default=2)
+    registry.add_argument("--out", default="docs/bench")
+    registry.set_defaults(handler=_bench_registry)
 
     accuracy = benches.add_parser("accuracy", help="CaRE against SimpleCIL and RanPAC on a class-incremental stream")
     accuracy.add_argument("--stream", default="fmnist5", help="preset: fmnist5, glyphs100, glyphs300")

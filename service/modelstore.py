@@ -55,9 +55,8 @@ def new_router_cache(
     """A router cache that keeps its device tier on `device` and its host tier in (pinned, on CUDA) host memory."""
 
     def to_device(routers: TaskRouters) -> TaskRouters:
-        # clone() so a CPU "device" tier owns its memory: tensors read from the registry are memory-mapped file
-        # pages, which the cap would not account for.
-        return [(w.to(device).clone(), b.to(device).clone()) for w, b in routers]
+        # The loader reads files into memory of our own (Registry.load_tensors), so on a CPU this moves nothing.
+        return [(w.to(device), b.to(device)) for w, b in routers]
 
     def to_host(routers: TaskRouters) -> TaskRouters:
         if device.type == "cuda":
@@ -94,7 +93,7 @@ class CachedRouters:
         return self._cache.hold(key, lambda: self._load(task, path))
 
     def _load(self, task: int, path: str) -> TaskRouters:
-        tensors = self._registry.open_tensors(path)
+        tensors = self._registry.load_tensors(path)
         return artifacts.routers_from_tensors(tensors, task, self._site_dims, path)
 
     def total_bytes(self) -> int:
@@ -208,7 +207,8 @@ class ModelStore:
 
     def _read(self, path: str, kind: str) -> dict[str, Tensor]:
         artifacts.check_metadata(self.registry.read_metadata(path), self.config, kind, path)
-        return self.registry.open_tensors(path)
+        # Read into owned memory rather than mapping: served tensors must not depend on the file staying intact.
+        return self.registry.load_tensors(path)
 
     def load_tasks(self, manifest: Manifest, previous: tuple[Manifest, LoadedTasks] | None = None) -> LoadedTasks:
         """Verify a version's files and build its resident tensors.

@@ -83,8 +83,9 @@ def bench_backbone(
         model, routers = random_model(config, backbone, count)
         run_reference = count <= reference_max_tasks
         with torch.inference_mode():
-            backbone.forward_plain(images)  # warm-up (allocator, kernels)
-            model.forward_features(images, routers, "fast")
+            for _ in range(3):  # warm-up: allocator, kernels, caches
+                backbone.forward_plain(images)
+                model.forward_features(images, routers, "fast")
             times: dict[str, list[float]] = {"backbone": [], "fast": [], "reference": []}
             # Backbone and fast path alternate, so that drifts of the machine (frequency, other load) hit both alike;
             # the reference path runs afterwards because its large temporaries disturb the caches of the others.

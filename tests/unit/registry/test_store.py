@@ -254,3 +254,23 @@ def test_published_files_are_readable_by_other_users(tmp_path: Path) -> None:
     for relpath in manifest.files:
         mode = stat.S_IMODE((tmp_path / "r" / relpath).stat().st_mode)
         assert mode & 0o044 == 0o044, oct(mode)
+
+
+def test_load_tensors_reads_owned_copies_and_refuses_truncated_files(tmp_path: Path) -> None:
+    registry = Registry.from_path(tmp_path / "r")
+    path = "tasks/0000-t1/experts.safetensors"
+    registry.publish(
+        parent=None,
+        backbone="b",
+        model_config={"k": 1},
+        tasks=[TaskRecord(task_id="t1", classes=("a",), files={"experts": path})],
+        new_files={path: ({"x": torch.arange(6.0)}, {})},
+    )
+    loaded = registry.load_tensors(path)
+    assert torch.equal(loaded["x"], torch.arange(6.0))
+    file = tmp_path / "r" / path
+    data = file.read_bytes()
+    file.write_bytes(data[:-8])
+    with pytest.raises(CorruptArtifact, match="experts.safetensors"):
+        registry.load_tensors(path)
+    assert torch.equal(loaded["x"], torch.arange(6.0))  # what was read stays valid: it is not a view of the file
