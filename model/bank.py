@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from model.adapter import Adapter, Perceptron
+from model.adapter import LAYER_NORM_EPS, Adapter, Perceptron
 
 
 def _cat(parts: Sequence[Tensor]) -> Tensor:
@@ -125,6 +125,52 @@ class FoldedPerceptrons:
 
 
 @dataclass(frozen=True)
+class PerceptronTable:
+    """Every task's perceptron logits and LayerNorm variance as functions of its expert's CLS hidden units alone.
+
+    With h the r hidden units of expert t on the CLS vector, c_t = h U_t + u_t (folded up-projection and bias) and
+    the folded perceptron gives logits = LN(c_t) P_t + p_t, LN(c) = (c - mean(c)) / sqrt(var(c) + eps). Centring
+    the rows of U_t and u_t over the d channels (Uc, uc) gives c_t - mean(c_t) = h Uc + uc exactly, so with
+    h' = [h, 1] and the (r + 1, d) matrix C = [Uc; uc]:
+
+        var(c_t) = h' (C C^T / d) h'^T          logits = (h' C P_t) / sqrt(var + eps) + p_t
+
+    Both matrices are (r + 1) wide, so level 1 costs O(T r^2) instead of O(T r d) and never forms the (T, B, d)
+    routing inputs. Centring before the Gram matrix (in float64) avoids the cancellation of var = E[c^2] - mean^2.
+
+    Attributes:
+        weight: (T, r, r + 1 + n): rows of the hidden units in [C C^T / d | C P].
+        bias: (T, 1, r + 1 + n): the row of the constant 1.
+        logit_bias: (T, n) perceptron biases (-inf on padded classes).
+    """
+
+    weight: Tensor
+    bias: Tensor
+    logit_bias: Tensor
+
+    @classmethod
+    def build(cls, experts: FoldedAdapters, perceptrons: FoldedPerceptrons) -> PerceptronTable:
+        with torch.no_grad():
+            up = experts.up_weight.double()  # (T, r, d)
+            up_bias = experts.up_bias.double()[:, None, :]  # (T, 1, d)
+            rows = torch.cat([up, up_bias], dim=1)
+            centred = rows - rows.mean(dim=2, keepdim=True)  # (T, r + 1, d)
+            gram = torch.bmm(centred, centred.transpose(1, 2)) / centred.shape[2]
+            table = torch.cat([gram, torch.bmm(centred, perceptrons.weight.double())], dim=2)
+            table = table.to(experts.up_weight.dtype)
+            rank = up.shape[1]
+            return cls(table[:, :rank].contiguous(), table[:, rank:].contiguous(), perceptrons.bias)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Perceptron logits (T, B, n) from the experts' CLS hidden units (T, B, r)."""
+        rank = hidden.shape[2]
+        out = torch.baddbmm(self.bias, hidden, self.weight)  # (T, B, r + 1 + n)
+        variance = torch.linalg.vecdot(out[..., :rank], hidden) + out[..., rank]
+        scale = variance.clamp_min_(0.0).add_(LAYER_NORM_EPS).rsqrt_()  # rounding must not make it negative
+        return torch.addcmul(self.logit_bias[:, None, :], out[..., rank + 1 :], scale[..., None])
+
+
+@dataclass(frozen=True)
 class PerceptronStack:
     """Raw perceptrons of T tasks at one site, padded to the largest class count.
 
@@ -211,6 +257,7 @@ class SiteBank:
         self.perceptrons = perceptrons
         self.shared = shared
         self._folded: tuple[FoldedAdapters, FoldedPerceptrons, FoldedAdapters] | None = None
+        self._table: PerceptronTable | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -219,9 +266,19 @@ class SiteBank:
     def folded(self) -> tuple[FoldedAdapters, FoldedPerceptrons, FoldedAdapters]:
         """(experts, perceptrons, shared) in folded form; cached, so only for frozen banks."""
         if self._folded is None:
-            with torch.no_grad():
+            # Normal (not inference-mode) tensors even when first asked for inside inference_mode, so that a trainer
+            # may use the cache of a bank that was served first.
+            with torch.inference_mode(False), torch.no_grad():
                 self._folded = (self.experts.fold(), self.perceptrons.fold(), self.shared.fold())
         return self._folded
+
+    def perceptron_table(self) -> PerceptronTable:
+        """The inference-time `PerceptronTable` of the folded experts and perceptrons; cached like `folded`."""
+        if self._table is None:
+            experts, perceptrons, _ = self.folded()
+            with torch.inference_mode(False):
+                self._table = PerceptronTable.build(experts, perceptrons)
+        return self._table
 
 
 class ExpertBank:
@@ -253,6 +310,11 @@ class ExpertBank:
                 for site, e, p in zip(self.sites, experts, perceptrons, strict=True)
             ]
         )
+
+    def prepare_fast_path(self) -> None:
+        """Fold every site and build its perceptron table now, so the first request on this bank does not."""
+        for site in self.sites:
+            site.perceptron_table()
 
     def detach(self) -> ExpertBank:
         """The same tensors cut from any autograd graph (a trained task's modules stay trainable objects)."""

@@ -7,6 +7,11 @@ those outputs, and the gates are CaRE's dense masked softmax. Its cost grows wit
 the CLS (pooled) vector; all experts and perceptrons are scored on that one vector with stacked weights, and only
 the at most M*K selected experts (plus E_bar) then run on all tokens, gathered per sample so one batch can mix any
 tasks. The only numerical difference is that it drops the e^-100 weights of masked experts.
+
+At inference the fast path does not even form the routing inputs c_t of all T tasks: a perceptron's logits are an
+affine function of LayerNorm(c_t), and c_t is an affine function of the expert's r hidden units, so the logits and
+the LayerNorm statistics follow from those r numbers and a small per-task table computed once per version
+(`PerceptronTable`). Only the c_t of the M selected routers are formed, for their gates.
 """
 
 from __future__ import annotations
@@ -18,9 +23,16 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from model.adapter import LAYER_NORM_EPS
-from model.bank import AdapterStack, FoldedAdapters, FoldedPerceptrons, PerceptronStack
+from model.bank import AdapterStack, FoldedAdapters, FoldedPerceptrons, PerceptronStack, PerceptronTable
 from model.routers import RouterSource
-from model.routing import dense_gates, entropy, router_logits, select_routers, sparse_gates
+from model.routing import (
+    dense_gates,
+    entropy,
+    router_logits,
+    select_routers,
+    selected_router_logits,
+    sparse_gates,
+)
 
 
 @dataclass
@@ -67,6 +79,7 @@ def fast_moe(
     routers: RouterSource,
     options: RoutingOptions,
     forced_classes: int | None = None,
+    table: PerceptronTable | None = None,
 ) -> Tensor:
     """BR-MoE delta at one site, computing only the selected experts on all tokens.
 
@@ -78,6 +91,8 @@ def fast_moe(
         routers: Router source.
         options: Routing options.
         forced_classes: Class count of the forced task (to slice its perceptron logits).
+        table: The site's `PerceptronTable`; when given, inference (no forced task, no dropout, no autograd) scores
+            the perceptrons from it and forms the routing inputs of the selected routers only.
 
     Returns:
         (B, N, d) delta to add to the residual stream.
@@ -86,20 +101,33 @@ def fast_moe(
     batch, tokens_per_sample, dim = tokens.shape
     training = options.dropout > 0.0
 
-    # Level 1 on the CLS/pooled vector only: every expert's down-projection in one GEMM, then the up-projections and
-    # the perceptrons as task-batched matmuls, all laid out (T, B, ...) so that no large permuted copy is made.
+    # Level 1 on the CLS/pooled vector only: every expert's down-projection in one GEMM, laid out (T, B, r).
     cls_hidden = F.relu(
         torch.addmm(experts.down_bias.reshape(-1), _normalize(routing), experts.down_weight.reshape(-1, dim).T)
     )
     cls_hidden = F.dropout(cls_hidden, options.dropout, training)
     per_task = cls_hidden.reshape(batch, num_tasks, bottleneck).transpose(0, 1)  # (T, B, r)
-    routing_inputs = torch.baddbmm(experts.up_bias[:, None, :], per_task, experts.up_weight)  # c_t: (T, B, d)
-    logits = torch.baddbmm(perceptrons.bias[:, None, :], _normalize(routing_inputs), perceptrons.weight)  # (T, B, n)
-    selected = select_routers(entropy(logits).T, options.top_routers, options.forced_task)
-    _record(options, logits, selected, forced_classes)
+    inference = options.forced_task is None and not training and not torch.is_grad_enabled()
+    if table is not None and inference:
+        # The perceptrons straight from the hidden units (see PerceptronTable); c_t only for the selected pairs.
+        logits = table.logits(per_task)  # (T, B, n)
+        selected = select_routers(entropy(logits).T, options.top_routers)
+        _record(options, logits, selected, forced_classes)
+        pairs = selected.reshape(-1)
+        rows = torch.arange(batch, device=selected.device).repeat_interleave(selected.shape[1])
+        chosen = torch.baddbmm(
+            experts.up_bias[pairs][:, None, :], per_task[pairs, rows][:, None, :], experts.up_weight[pairs]
+        )
+        gate_logits = selected_router_logits(chosen[:, 0], selected, num_tasks, site, routers)
+    else:
+        # Training (or no table): the up-projections and the perceptrons as task-batched matmuls, as written.
+        routing_inputs = torch.baddbmm(experts.up_bias[:, None, :], per_task, experts.up_weight)  # c_t: (T, B, d)
+        logits = torch.baddbmm(perceptrons.bias[:, None, :], _normalize(routing_inputs), perceptrons.weight)
+        selected = select_routers(entropy(logits).T, options.top_routers, options.forced_task)
+        _record(options, logits, selected, forced_classes)
+        gate_logits = router_logits(routing_inputs, selected, num_tasks, site, routers)
 
     # Level 2: top-K experts per selected router.
-    gate_logits = router_logits(routing_inputs, selected, num_tasks, site, routers)
     indices, weights = sparse_gates(gate_logits, options.top_experts)  # (B, S)
 
     # The selected experts, gathered per sample, run on all tokens as two batched matmuls; the gate weights are

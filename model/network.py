@@ -65,8 +65,9 @@ class CareModel:
                     tokens, routing, bank.experts, bank.perceptrons, bank.shared, site, routers, options
                 )
             experts, perceptrons, shared = bank.folded()
+            table = bank.perceptron_table()
             return lambda tokens, routing: fast_moe(
-                tokens, routing, experts, perceptrons, shared, site, routers, options
+                tokens, routing, experts, perceptrons, shared, site, routers, options, table=table
             )
 
         return for_site

@@ -60,22 +60,41 @@ def router_logits(inputs: Tensor, selected: Tensor, num_tasks: int, site: int, r
         (B, M', T) logits; router t (0-based) only sees experts 0..t, the rest is -inf.
     """
     batch, per_sample = selected.shape
-    flat = selected.reshape(-1)
     rows = torch.arange(batch, device=selected.device).repeat_interleave(per_sample)
-    chosen_inputs = inputs[flat, rows]  # (B*M', d)
-    # Group the (sample, router) pairs by task so each router is fetched once and used in one matmul.
+    return selected_router_logits(inputs[selected.reshape(-1), rows], selected, num_tasks, site, routers)
+
+
+def selected_router_logits(
+    chosen_inputs: Tensor, selected: Tensor, num_tasks: int, site: int, routers: RouterSource
+) -> Tensor:
+    """`router_logits` from the routing inputs of the selected (sample, router) pairs only.
+
+    Args:
+        chosen_inputs: (B * M', d) c_t of each selected pair, in the row-major order of `selected`.
+        selected: (B, M') selected task indices.
+        num_tasks: T.
+        site: Site index.
+        routers: Router source.
+
+    Returns:
+        (B, M', T) logits, as `router_logits`.
+    """
+    batch, per_sample = selected.shape
+    flat = selected.reshape(-1)
+    # Group the (sample, router) pairs by task so each router is fetched once and used in one matmul; each
+    # router's logits are written straight into their rows of one -inf filled buffer (no per-task padding).
     order = torch.argsort(flat, stable=True)
     tasks, counts = torch.unique_consecutive(flat[order], return_counts=True)
     sorted_inputs = chosen_inputs[order]
-    pieces: list[Tensor] = []
+    grouped = sorted_inputs.new_full((len(flat), num_tasks), float("-inf"))
     start = 0
     for task, count in zip(tasks.tolist(), counts.tolist(), strict=True):
         with routers.hold(task) as task_routers:
             weight, bias = task_routers[site]
-            logits = F.linear(sorted_inputs[start : start + count], weight, bias)
-        pieces.append(F.pad(logits, (0, num_tasks - logits.shape[1]), value=float("-inf")))
+            grouped[start : start + count, : weight.shape[0]] = F.linear(
+                sorted_inputs[start : start + count], weight, bias
+            )
         start += count
-    grouped = torch.cat(pieces, dim=0)
     result = torch.empty_like(grouped)
     result[order] = grouped
     return result.reshape(batch, per_sample, num_tasks)

@@ -87,6 +87,8 @@ class SnapshotLoader:
         if previous is not None and previous.manifest is not None and previous.loaded is not None:
             reuse = (previous.manifest, previous.loaded)
         loaded = self.store.load_tasks(manifest, reuse)
+        # Off the request path: the swap below must hand requests a model that is ready to serve.
+        loaded.bank.prepare_fast_path()
         model = CareModel(self.store.config, self.store.backbone, loaded.bank, loaded.classifier)
         routers = CachedRouters(self.store.registry, manifest, self.store.site_dims, self.cache)
         pairs = list(iter_labels(manifest))

@@ -56,11 +56,12 @@ def _routing_vectors(
 
     def site_fn(index: int) -> SiteFn:
         experts, perceptrons, shared = bank.sites[index].folded()
+        table = bank.sites[index].perceptron_table()
 
         def moe(tokens: Tensor, routing: Tensor) -> Tensor:
             if index == site:
                 captured.append(routing)
-            return fast_moe(tokens, routing, experts, perceptrons, shared, index, routers, options)
+            return fast_moe(tokens, routing, experts, perceptrons, shared, index, routers, options, table=table)
 
         return moe
 

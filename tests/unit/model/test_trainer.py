@@ -131,3 +131,17 @@ def test_bad_labels_are_refused(vit_config: ModelConfig, vit_backbone: SiteBackb
     images, labels = data(8, 2, 0)
     with pytest.raises(ValueError, match="one label in 0..1 per image"):
         learn_task(vit_backbone, vit_config, FAST, Lineage.empty(64), images, labels + 1, 2)
+
+
+def test_a_bank_served_first_can_still_be_trained_on(vit_config: ModelConfig, vit_backbone: SiteBackbone) -> None:
+    from model.network import CareModel
+
+    lineage = advance(
+        Lineage.empty(vit_backbone.feature_dim),
+        learn(vit_backbone, vit_config, Lineage.empty(vit_backbone.feature_dim), 0),
+        vit_backbone.site_dims,
+        vit_config,
+    )
+    assert lineage.bank is not None
+    CareModel(vit_config, vit_backbone, lineage.bank, lineage.classifier).logits(data(4, 2, 3)[0], lineage.routers)
+    learn(vit_backbone, vit_config, lineage, 1)  # reuses the folded tensors cached while serving
