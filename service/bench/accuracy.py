@@ -210,7 +210,8 @@ class _Encoder:
 
     def __call__(self, images: Sequence[Any], labels: Tensor) -> TaskData:
         embedded, features = [], []
-        with torch.inference_mode():
+        # no_grad, not inference_mode: CaRE trains on these embeddings, and autograd refuses inference tensors.
+        with torch.no_grad():
             for start in range(0, len(images), CHUNK):
                 batch = torch.stack([self.transform(image) for image in images[start : start + CHUNK]])
                 hidden = embed_images(self.backbone, batch)
