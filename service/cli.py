@@ -137,6 +137,44 @@ def _bench_registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from service.bench.serve_bench import QUICK, ServeBenchConfig, markdown_tables, run, write_report
+
+    torch.set_num_threads(args.threads)
+    given = {
+        "tasks": None if args.tasks is None else tuple(args.tasks),
+        "batch": args.batch,
+        "concurrency": None if args.concurrency is None else tuple(args.concurrency),
+        "throughput_images": args.throughput_images,
+        "caps": None if args.caps is None else tuple(float(c) for c in args.caps.split(",") if c.strip()),
+        "duration_s": args.duration,
+        "throughput_duration_s": args.throughput_duration,
+        "warmup_s": args.warmup,
+        "publishes": args.publishes,
+        "hotload_clients": args.hotload_clients,
+        "reference_repeats": args.reference_repeats,
+        "threads": args.threads,
+        "max_batch_size": args.max_batch_size,
+        "max_batch_wait_ms": args.max_batch_wait_ms,
+        "poll_interval_s": args.poll_interval,
+        "image_format": args.image_format,
+        "backbone": args.backbone,
+        "backbone_weights": args.backbone_weights,
+        "image_size": args.image_size,
+        "seed": args.seed,
+    }
+    # Flags that were given win; then --quick's short settings; then the full run's defaults.
+    changes = {**(QUICK if args.quick else {}), **{k: v for k, v in given.items() if v is not None}}
+    config = dataclasses.replace(ServeBenchConfig(), **changes)
+    result = run(config, logger.info)
+    path = write_report(result, Path(args.out), machine_description())
+    print(markdown_tables(result))  # noqa: T201 - the tables are the command's output
+    logger.info("raw numbers in %s, plots in %s", path, path.parent / "serve_bench_*.png")
+    return 0
+
+
 def _bench_export(args: argparse.Namespace) -> int:
     """Write tasks of an offline stream as ImageFolder zips (to upload) and their test images (to predict)."""
     from service.bench.datasets import make_stream, write_imagefolder, write_imagefolder_zip
@@ -204,6 +242,35 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--threads", type=int, default=2)
     accuracy.add_argument("--out", default="docs/bench")
     accuracy.set_defaults(handler=_bench_accuracy)
+
+    serve_bench = benches.add_parser(
+        "serve", help="the real server under load: latency, throughput, router caps, hot-load, against the backbone"
+    )
+    serve_bench.add_argument("--tasks", type=_int_list, help="task counts served in turn (default 1,10,100,300)")
+    serve_bench.add_argument("--batch", type=int, help="images per latency request (default: --max-batch-size)")
+    serve_bench.add_argument("--concurrency", type=_int_list, help="client counts (default 1,2,4,8,16)")
+    serve_bench.add_argument("--throughput-images", type=int, help="images per throughput request (default 1)")
+    serve_bench.add_argument("--caps", help="router caps as fractions of router bytes (default 0.25,0.1,0.05)")
+    serve_bench.add_argument("--duration", type=float, help="seconds per latency and cap window (default 30)")
+    serve_bench.add_argument("--throughput-duration", type=float, help="seconds per throughput window (default 20)")
+    serve_bench.add_argument("--warmup", type=float, help="unmeasured seconds before each window (default 3)")
+    serve_bench.add_argument("--publishes", type=int, help="versions published under load (default 20)")
+    serve_bench.add_argument("--hotload-clients", type=int, help="clients predicting while publishing (default 4)")
+    serve_bench.add_argument("--reference-repeats", type=int, help="reference path passes per task count (default 3)")
+    serve_bench.add_argument("--max-batch-size", type=int, help="CARE_MAX_BATCH_SIZE of the server (default 16)")
+    serve_bench.add_argument("--max-batch-wait-ms", type=float, help="CARE_MAX_BATCH_WAIT_MS (default 5)")
+    serve_bench.add_argument("--poll-interval", type=float, help="CARE_POLL_INTERVAL_S of the server (default 0.1)")
+    serve_bench.add_argument("--image-format", choices=["png", "jpeg"], help="how clients encode images (png)")
+    serve_bench.add_argument("--backbone", help="timm name (default CARE_BACKBONE or efficientnet_lite0)")
+    serve_bench.add_argument(
+        "--backbone-weights", help="bundled, hub, random or a file (default CARE_BACKBONE_WEIGHTS)"
+    )
+    serve_bench.add_argument("--image-size", type=int, help="input resolution (default: the backbone's pretrained)")
+    serve_bench.add_argument("--seed", type=int)
+    serve_bench.add_argument("--threads", type=int, default=2, help="torch threads of the server and of this process")
+    serve_bench.add_argument("--quick", action="store_true", help="a short smoke run (tasks 1,10,30, 4 s windows)")
+    serve_bench.add_argument("--out", default="docs/bench")
+    serve_bench.set_defaults(handler=_bench_serve)
 
     export = benches.add_parser("export", help="write tasks of an offline stream as ImageFolder zips (demo data)")
     export.add_argument("--stream", default="digits5", help="digits5 (bundled), fmnist5, glyphs100, ...")

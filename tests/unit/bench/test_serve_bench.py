@@ -1,0 +1,107 @@
+"""`care-serve bench serve` end to end on a tiny configuration: real server processes, every phase, no failures."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from service.bench.serve_bench import (
+    MetricsSnapshot,
+    ServeBenchConfig,
+    markdown_tables,
+    percentile,
+    run,
+    window_stats,
+    write_report,
+)
+from service.cli import build_parser
+from tests.e2e.harness import alive, children
+
+
+def test_percentile_interpolates() -> None:
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([1.0, 2.0], 50) == 1.5
+    assert percentile([5.0], 99) == 5.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_window_stats_are_deltas() -> None:
+    text = """# TYPE care_batch_size histogram
+care_batch_size_bucket{le="1.0"} %d
+care_batch_size_bucket{le="16.0"} %d
+care_batch_size_bucket{le="+Inf"} %d
+care_batch_size_count %d
+care_batch_size_sum %d
+# TYPE care_router_cache_lookups counter
+care_router_cache_lookups_total{result="hit"} %d
+care_router_cache_lookups_total{result="miss"} %d
+"""
+    before = MetricsSnapshot.parse(text % (1, 2, 2, 2, 17, 10, 10))
+    after = MetricsSnapshot.parse(text % (1, 5, 5, 5, 65, 40, 20))
+    stats = window_stats(before, after)
+    assert stats["batches"] == 3
+    assert stats["mean_batch_size"] == 16.0
+    assert stats["batch_size_histogram"] == {"<=16.0": 3}
+    assert stats["hit_ratio"] == 0.75
+
+
+def test_cli_parses_the_serve_benchmark() -> None:
+    args = build_parser().parse_args(["bench", "serve", "--quick", "--tasks", "1,3", "--caps", "0.1,0.05"])
+    assert args.quick and args.tasks == [1, 3] and args.caps == "0.1,0.05"
+    assert args.handler.__name__ == "_bench_serve"
+
+
+def test_serve_bench_runs_every_phase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tiny backbone comes from the environment, as a user would choose it for the real command.
+    monkeypatch.setenv("CARE_BACKBONE", "test_vit")
+    monkeypatch.setenv("CARE_BACKBONE_WEIGHTS", "random")
+    monkeypatch.setenv("CARE_IMAGE_SIZE", "32")
+    config = ServeBenchConfig(
+        tasks=(1, 3),
+        batch=4,
+        concurrency=(1, 2),
+        caps=(0.5,),
+        duration_s=1.0,
+        throughput_duration_s=1.0,
+        warmup_s=0.3,
+        publishes=2,
+        hotload_clients=2,
+        reference_repeats=1,
+        max_batch_size=4,
+    )
+    messages: list[str] = []
+    result = run(config, messages.append)
+
+    assert result["config"]["backbone"] == "test_vit" and result["config"]["image_size"] == 32
+    assert [row["tasks"] for row in result["latency"]] == [1, 3]
+    for row in result["latency"]:
+        assert row["failed"] == 0 and row["requests"] > 0
+        assert row["mean_batch_size"] == 4.0  # one request of max-batch-size images is exactly one batch
+        assert min(row["backbone_ms"], row["fast_ms"], row["reference_ms"]) > 0
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert 0 <= row["hit_ratio"] <= 1 and row["router_resident_bytes"] > 0 and row["server_rss_bytes"] > 0
+    assert [row["concurrency"] for row in result["throughput"]] == [1, 2]
+    assert all(row["failed"] == 0 and row["images_per_s"] > 0 for row in result["throughput"])
+    assert set(result["backbone_images_per_s"]) == {"1", "2", "4"}
+    (cap,) = result["cap"]["rows"]
+    assert cap["cap_bytes"] == int(0.5 * result["cap"]["router_bytes_total"])
+    assert cap["capped"]["failed"] == 0 and cap["uncapped"]["failed"] == 0
+    assert cap["capped"]["router_resident_bytes"] <= cap["cap_bytes"] < cap["uncapped"]["router_resident_bytes"]
+    hot = result["hotload"]
+    assert hot["publishes"] == 2 and hot["failed"] == 0 and hot["requests"] > 0
+    assert [v["tasks"] for v in hot["versions"]] == [4, 5]
+    assert all(0 < v["to_first_response_ms"] < 60_000 for v in hot["versions"])
+    verdicts = {t["target"]: t["met"] for t in result["targets"]}
+    assert verdicts["failed requests over 2 publishes under load"] is True
+    assert len(verdicts) == 4  # no 10-task row and no 10 % cap in this run: those targets are left out
+
+    path = write_report(result, tmp_path, {"command": "test"})
+    assert path.is_file()
+    for name in ("latency", "throughput", "cache"):
+        assert (tmp_path / f"serve_bench_{name}.png").stat().st_size > 0
+    assert "| target | value | limit | met |" in markdown_tables(result)
+    # Every server the benchmark started has been stopped.
+    assert not [pid for pid in children(os.getpid()) if alive(pid)]
