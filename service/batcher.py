@@ -72,9 +72,8 @@ class MicroBatcher:
         self._queue: deque[_Pending] = deque()
         self._queued_images = 0
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="care-inference", initializer=torch.set_num_threads, initargs=(threads,)
-        )
+        self._threads = threads
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="care-inference")
         self._task: asyncio.Task[None] | None = None
         self._seconds_per_image = 0.05  # running estimate, for Retry-After
 
@@ -153,11 +152,12 @@ class MicroBatcher:
         batch: list[_Pending] = []
         try:
             while True:
-                batch = await self._next_batch()
                 if in_flight is not None:
-                    # One batch runs while the next one is collected. Shielded: cancelling this task (stop) must not
-                    # cancel an executor job that has not started yet, or its requests would never be answered.
+                    # Requests queue up while a batch runs, and the next batch is closed only once the executor is
+                    # free: closing it earlier (after max_wait) would send small batches under load and halve the
+                    # throughput. Shielded: cancelling this task (stop) must not cancel the running batch.
                     await asyncio.shield(in_flight)
+                batch = await self._next_batch()
                 in_flight = loop.run_in_executor(self._executor, self._infer, batch, loop)
                 batch = []
         except asyncio.CancelledError:
@@ -165,6 +165,10 @@ class MicroBatcher:
             raise
 
     def _infer(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        # Torch sizes a thread's OpenMP team lazily, from the last count set by any thread (the decoding pool sets
+        # 1); asking first completes that lazy step, so the count set here is the one this thread keeps.
+        if torch.get_num_threads() != self._threads:
+            torch.set_num_threads(self._threads)
         model = self._current()
         images = torch.cat([p.images for p in batch]) if len(batch) > 1 else batch[0].images
         started = time.perf_counter()

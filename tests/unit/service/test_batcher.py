@@ -81,15 +81,29 @@ async def test_each_batch_reads_the_model_once() -> None:
     assert second.model is models[1] and torch.all(second.probabilities == 2)
 
 
+async def test_requests_that_wait_for_a_running_batch_form_one_full_batch() -> None:
+    gate = threading.Event()
+    model = FakeModel(1, gate)
+    micro, sizes = batcher(model, max_wait_s=0.0)
+    micro.start()
+    running = asyncio.ensure_future(micro.submit(images(1)))
+    await asyncio.sleep(0.05)  # the first batch is now held on the executor
+    waiting = [asyncio.ensure_future(micro.submit(images(2))) for _ in range(4)]
+    await asyncio.sleep(0.05)  # far longer than max_wait: still no batch may close while the executor is busy
+    assert micro.queued_images == 8
+    gate.set()
+    await asyncio.gather(running, *waiting)
+    await micro.stop()
+    assert sizes == [1, 8]
+
+
 async def test_full_queue_is_refused_with_retry_after_and_stop_fails_the_rest() -> None:
     gate = threading.Event()
     micro, _ = batcher(FakeModel(1, gate), max_queue_images=4, max_batch_size=2, max_wait_s=0.0)
     micro.start()
     running = asyncio.ensure_future(micro.submit(images(2)))
     await asyncio.sleep(0.05)  # the first batch is now held on the executor
-    waiting = [asyncio.ensure_future(micro.submit(images(2)))]
-    await asyncio.sleep(0.05)  # the collector took it as the next batch and waits for the held one
-    waiting += [asyncio.ensure_future(micro.submit(images(2))) for _ in range(2)]
+    waiting = [asyncio.ensure_future(micro.submit(images(2))) for _ in range(2)]
     await asyncio.sleep(0.05)
     assert micro.queued_images == 4  # the cap
     with pytest.raises(ApiError) as refused:
