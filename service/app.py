@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
                 await anyio.to_thread.run_sync(supervisor.stop)
             await anyio.to_thread.run_sync(state.watcher.stop)
             await state.batcher.stop()
+            await anyio.to_thread.run_sync(state.decoders.close)
             state.jobs.close()
 
     app = FastAPI(title="care-serve", version="1", description=DESCRIPTION, lifespan=lifespan)

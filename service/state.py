@@ -19,6 +19,7 @@ from model.backbone import SiteBackbone, build_backbone, make_transform
 from model.config import ModelConfig
 from registry import Registry, VersionWatcher
 from service.batcher import MicroBatcher
+from service.decode_pool import PreprocessPool, default_workers
 from service.errors import ApiError
 from service.images import decode_image
 from service.jobs import JobStore
@@ -115,6 +116,7 @@ class AppState:
     metrics: Metrics
     limits: UploadLimits
     preprocess: Preprocessor
+    decoders: PreprocessPool
     ready: threading.Event
 
     def served(self) -> ServedModel:
@@ -170,6 +172,7 @@ def build_state(settings: Settings) -> AppState:
         threads=settings.serve_threads,
         on_batch=metrics.batch_size.observe,
     )
+    preprocess = Preprocessor(make_transform(backbone, config.image_size), limits, device)
     state = AppState(
         settings=settings,
         config=config,
@@ -182,7 +185,8 @@ def build_state(settings: Settings) -> AppState:
         batcher=batcher,
         metrics=metrics,
         limits=limits,
-        preprocess=Preprocessor(make_transform(backbone, config.image_size), limits, device),
+        preprocess=preprocess,
+        decoders=PreprocessPool(preprocess, default_workers()),
         ready=threading.Event(),
     )
     warm_up(state)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import anyio
 from fastapi import APIRouter, Depends, Query, Request
 
 from service.api.deps import StateDep, require_api_key
@@ -33,7 +32,7 @@ async def predict(
             headers={"Retry-After": "5"},
         )
     files = await read_predict_images(request, state.limits)
-    images = await anyio.to_thread.run_sync(state.preprocess, files)
+    images = await state.decoders.run(files)
     result = await state.batcher.submit(images)
     assert result.model.version is not None
     return PredictResponse(

@@ -1,0 +1,67 @@
+"""Image preprocessing for /predict on a small pool of threads that each use a single torch thread.
+
+Why not `anyio.to_thread`: its pool grows to 40 threads, and torch ops in a thread that never chose a thread count
+(to-tensor and normalisation are big enough to go parallel) run on an OpenMP team of the last count set anywhere in
+the process, the inference thread's. Under load many such teams spin on the cores the inference team needs, and the
+inference slows to half its speed. A few single-threaded workers decode the next requests on whatever the inference
+leaves free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+from service.errors import ApiError
+
+Files = Sequence[tuple[str, bytes]]
+
+
+def _single_torch_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def default_workers() -> int:
+    """One decoding thread per CPU this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+class PreprocessPool:
+    """Runs `preprocess` off the event loop on `workers` threads.
+
+    Args:
+        preprocess: Decodes and transforms uploaded files into a (n, 3, H, W) tensor; raises ApiError on bad input.
+        workers: Threads.
+    """
+
+    def __init__(self, preprocess: Callable[[Files], Tensor], workers: int) -> None:
+        self._preprocess = preprocess
+        self._workers = workers
+        self._executor = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="care-decode", initializer=_single_torch_thread
+        )
+
+    async def run(self, files: Files) -> Tensor:
+        """The preprocessed images of `files`; a request of several images is split across the workers, so that
+        its decoding, which the inference has to wait for, takes a fraction of the time."""
+        loop = asyncio.get_running_loop()
+        chunks = min(self._workers, len(files))
+        if chunks <= 1:
+            return await loop.run_in_executor(self._executor, self._preprocess, files)
+        step = -(-len(files) // chunks)
+        parts = [files[start : start + step] for start in range(0, len(files), step)]
+        try:
+            tensors = await asyncio.gather(*(loop.run_in_executor(self._executor, self._preprocess, p) for p in parts))
+        except ApiError:
+            # A part's error numbers the images within that part: decode the whole request once more so the error
+            # gives every bad image its index in the request (bad requests are rare; the second pass is cheap).
+            return await loop.run_in_executor(self._executor, self._preprocess, files)
+        return torch.cat(tensors)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
