@@ -175,6 +175,19 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_train(args: argparse.Namespace) -> int:
+    from service.bench.train_bench import TrainBenchConfig, markdown_table, run, write_report
+
+    config = TrainBenchConfig(
+        stream=args.stream, tasks=args.tasks, train_per_class=args.train_per_class, test_per_class=args.test_per_class
+    )
+    result = run(config, logger.info)
+    path = write_report(result, Path(args.out), machine_description())
+    print(markdown_table(result))  # noqa: T201 - the table is the command's output
+    logger.info("raw numbers in %s", path)
+    return 0
+
+
 def _bench_export(args: argparse.Namespace) -> int:
     """Write tasks of an offline stream as ImageFolder zips (to upload) and their test images (to predict)."""
     from service.bench.datasets import make_stream, write_imagefolder, write_imagefolder_zip
@@ -248,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_bench.add_argument("--tasks", type=_int_list, help="task counts served in turn (default 1,10,100,300)")
     serve_bench.add_argument("--batch", type=int, help="images per latency request (default: --max-batch-size)")
-    serve_bench.add_argument("--concurrency", type=_int_list, help="client counts (default 1,2,4,8,16)")
+    serve_bench.add_argument("--concurrency", type=_int_list, help="client counts (default 1,2,4,8,16,32)")
     serve_bench.add_argument("--throughput-images", type=int, help="images per throughput request (default 1)")
     serve_bench.add_argument("--caps", help="router caps as fractions of router bytes (default 0.25,0.1,0.05)")
     serve_bench.add_argument("--duration", type=float, help="seconds per latency and cap window (default 30)")
@@ -271,6 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--quick", action="store_true", help="a short smoke run (tasks 1,10,30, 4 s windows)")
     serve_bench.add_argument("--out", default="docs/bench")
     serve_bench.set_defaults(handler=_bench_serve)
+
+    train = benches.add_parser(
+        "train", help="time the service (server + worker, default settings) to learn tasks uploaded over HTTP"
+    )
+    train.add_argument("--stream", default="fmnist5", help="offline stream whose first tasks are taught")
+    train.add_argument("--tasks", type=int, default=2, help="how many tasks to teach, one after another")
+    train.add_argument("--train-per-class", type=int, default=100)
+    train.add_argument("--test-per-class", type=int, default=50)
+    train.add_argument("--out", default="docs/bench")
+    train.set_defaults(handler=_bench_train)
 
     export = benches.add_parser("export", help="write tasks of an offline stream as ImageFolder zips (demo data)")
     export.add_argument("--stream", default="digits5", help="digits5 (bundled), fmnist5, glyphs100, ...")

@@ -107,7 +107,7 @@ class ServeBenchConfig:
 
     tasks: tuple[int, ...] = (1, 10, 100, 300)
     batch: int | None = None
-    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     throughput_images: int = 1
     caps: tuple[float, ...] = (0.25, 0.1, 0.05)
     duration_s: float = 30.0
@@ -355,15 +355,16 @@ def window_stats(before: MetricsSnapshot, after: MetricsSnapshot) -> dict[str, A
 
 
 class ServerProcess:
-    """One `care-serve serve --no-worker` on a loopback port, in its own session so it can always be stopped.
+    """One `care-serve serve` on a loopback port, in its own session so it can always be stopped.
 
     Args:
         name: For logs.
         settings: The server's settings, passed as CARE_ variables.
         log_dir: Where its output goes.
+        worker: Start the training worker too (the benchmarks of serving leave it out).
     """
 
-    def __init__(self, name: str, settings: Settings, log_dir: Path) -> None:
+    def __init__(self, name: str, settings: Settings, log_dir: Path, worker: bool = False) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -374,7 +375,7 @@ class ServerProcess:
         argv = [
             *server_command(),
             "serve",
-            "--no-worker",
+            *([] if worker else ["--no-worker"]),
             "--port",
             str(self.port),
             "--data-dir",
