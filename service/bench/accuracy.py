@@ -53,7 +53,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "fmnist5": Preset(
         "fmnist5", image_size=96, train_per_class=300, test_per_class=200,
-        train=TrainConfig(epochs=10, batch_size=32, align_epochs=5, align_samples_per_class=128),
+        train=TrainConfig(
+            epochs=10, batch_size=32, covariance="full", align_epochs=5, align_samples_per_class=128
+        ),
     ),
     "glyphs100": Preset(
         "glyphs100", image_size=64, train_per_class=20, test_per_class=10,
