@@ -10,6 +10,7 @@ import platform
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,6 +84,21 @@ def _worker(args: argparse.Namespace) -> int:
     return run_worker(_settings(args))
 
 
+def _train_options(train: object, options: Sequence[str]) -> dict[str, Any]:
+    """`name=value` pairs for TrainConfig fields, each value parsed as the type of the field's current value."""
+    import dataclasses
+
+    known = {field.name for field in dataclasses.fields(train)}  # type: ignore[arg-type]
+    changes: dict[str, Any] = {}
+    for option in options:
+        name, _, text = option.partition("=")
+        if name not in known or not text:
+            raise SystemExit(f"--train-option {option!r}: use NAME=VALUE with NAME one of {', '.join(sorted(known))}")
+        current = getattr(train, name)
+        changes[name] = text if isinstance(current, str) else type(current)(text)
+    return changes
+
+
 def _bench_accuracy(args: argparse.Namespace) -> int:
     import dataclasses
 
@@ -105,8 +121,11 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
         }.items()
         if value is not None
     }
+    train_changes = _train_options(preset.train, args.train_option or [])
     if args.epochs is not None:
-        changes["train"] = dataclasses.replace(preset.train, epochs=args.epochs)
+        train_changes["epochs"] = args.epochs
+    if train_changes:
+        changes["train"] = dataclasses.replace(preset.train, **train_changes)
     preset = dataclasses.replace(preset, **changes)  # type: ignore[arg-type]
     bar = tqdm(desc=f"{args.stream}", unit="task")
 
@@ -251,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     accuracy.add_argument("--test-per-class", type=int, help="override the preset's test images per class")
     accuracy.add_argument("--num-tasks", type=int, help="only the first N tasks' worth of classes (quick runs)")
     accuracy.add_argument("--epochs", type=int, help="override CaRE's epochs per task")
+    accuracy.add_argument(
+        "--train-option",
+        action="append",
+        metavar="NAME=VALUE",
+        help="override a field of CaRE's TrainConfig (repeatable), e.g. covariance=diagonal, align_epochs=10",
+    )
     accuracy.add_argument("--seed", type=int)
     accuracy.add_argument("--threads", type=int, default=2)
     accuracy.add_argument("--out", default="docs/bench")

@@ -1,0 +1,56 @@
+"""`care-serve bench accuracy` on a tiny stream: every method learns, metrics and plots are written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from model.config import TrainConfig
+from service.bench.accuracy import PRESETS, Preset, markdown_table, run, write_report
+from service.cli import _train_options, build_parser
+
+
+def test_accuracy_bench_runs_every_method_on_a_tiny_stream(tmp_path: Path) -> None:
+    preset = Preset(
+        "digits5",
+        backbone="test_vit",
+        image_size=32,
+        train_per_class=8,
+        test_per_class=4,
+        num_tasks=2,
+        train=TrainConfig(epochs=1, batch_size=8, align_epochs=1, align_samples_per_class=4),
+        ranpac_dim=64,
+    )
+    progress: list[int] = []
+    result = run(preset, ["care", "care-m1", "simplecil", "ranpac"], lambda done, total, _: progress.append(done))
+
+    assert progress == [1, 2] and result["stream"] == {"name": "digits5", "tasks": 2, "classes": 4}
+    for name, method in result["methods"].items():
+        stages = method["accuracy"]["stages"]
+        assert len(stages) == 2, name
+        assert all(0.0 <= stage["overall"] <= 1.0 for stage in stages), name
+        summary = method["accuracy"]["summary"]
+        assert summary["last_accuracy"] == stages[-1]["overall"], name
+        assert method["learn_seconds"] > 0 and method["peak_rss_bytes"] > 0, name
+    # Nearest-prototype on the classes it has seen: at least the first task's own test images are not all wrong.
+    assert result["methods"]["simplecil"]["accuracy"]["stages"][0]["overall"] > 0.5
+
+    path = write_report(result, tmp_path, {"command": "test"})
+    assert json.loads(path.read_text())["meta"] == {"command": "test"}
+    assert (tmp_path / "accuracy_digits5.png").stat().st_size > 0
+    assert markdown_table(result).count("\n") == 1 + 4
+
+
+def test_train_options_parse_as_the_field_types() -> None:
+    train = PRESETS["fmnist5"].train
+    assert _train_options(train, ["covariance=diagonal", "align_epochs=10", "lr=0.005"]) == {
+        "covariance": "diagonal",
+        "align_epochs": 10,
+        "lr": 0.005,
+    }
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        _train_options(train, ["no_such_field=1"])
+    args = build_parser().parse_args(["bench", "accuracy", "--train-option", "covariance=diagonal"])
+    assert args.train_option == ["covariance=diagonal"]
