@@ -11,12 +11,12 @@ APT_PACKAGES := dataset-fashion-mnist fonts-noto-core docker-compose prometheus
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: help venv apt-deps serve worker test lint typecheck check-deploy bench-model bench-registry bench-accuracy \
-        bench-accuracy-glyphs100 bench-accuracy-glyphs300 bench-serve clean
+        bench-accuracy-glyphs100 bench-accuracy-glyphs300 bench-serve bench-train clean
 
 help:
 	@echo "make serve   start the service on its embedded defaults at http://127.0.0.1:8000"
 	@echo "make test    lint, type-check and run the whole test suite"
-	@echo "make bench-model | bench-registry | bench-accuracy | bench-serve   benchmarks (see docs/benchmarks.md)"
+	@echo "make bench-model | bench-registry | bench-accuracy | bench-serve | bench-train   benchmarks (docs/benchmarks.md)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -77,6 +77,9 @@ bench-accuracy-glyphs300: $(STAMP) apt-deps
 
 bench-serve: $(STAMP)
 	$(BIN)/care-serve bench serve
+
+bench-train: $(STAMP) apt-deps
+	$(BIN)/care-serve bench train
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
