@@ -59,7 +59,8 @@ def random_model(
     return CareModel(config, backbone, bank, classifier), ResidentRouters(routers)
 
 
-def _time(fn: Callable[[], object]) -> float:
+def time_call(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call."""
     started = time.perf_counter()
     fn()
     return time.perf_counter() - started
@@ -90,12 +91,12 @@ def bench_backbone(
             # Backbone and fast path alternate, so that drifts of the machine (frequency, other load) hit both alike;
             # the reference path runs afterwards because its large temporaries disturb the caches of the others.
             for _ in range(repeats):
-                times["backbone"].append(_time(lambda: backbone.forward_plain(images)))
-                times["fast"].append(_time(lambda m=model, r=routers: m.forward_features(images, r, "fast")))  # type: ignore[misc]
+                times["backbone"].append(time_call(lambda: backbone.forward_plain(images)))
+                times["fast"].append(time_call(lambda m=model, r=routers: m.forward_features(images, r, "fast")))  # type: ignore[misc]
             if run_reference:
                 for _ in range(max(1, repeats // 3)):
                     times["reference"].append(
-                        _time(lambda m=model, r=routers: m.forward_features(images, r, "reference"))  # type: ignore[misc]
+                        time_call(lambda m=model, r=routers: m.forward_features(images, r, "reference"))  # type: ignore[misc]
                     )
         ratios = [f / b for f, b in zip(times["fast"], times["backbone"], strict=True)]
         row = ModelBenchRow(

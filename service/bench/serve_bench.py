@@ -56,6 +56,7 @@ from model.backbone import SiteBackbone, make_transform
 from model.synthetic import random_task
 from model.trainer import LearnedTask
 from registry import Manifest, Registry
+from service.bench.model_bench import time_call
 from service.bench.registry_bench import Mix
 from service.bench.synthetic import key_images, keyed_learned_tasks
 from service.modelstore import ModelStore, NewTask, new_router_cache
@@ -526,12 +527,6 @@ def summarize(records: Sequence[Record], start: float, end: float) -> dict[str, 
 # Offline timings in this process (the server idle meanwhile)
 
 
-def _time(fn: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
-
-
 class Offline:
     """The backbone alone, and the fast and reference paths of a version, in this process."""
 
@@ -547,14 +542,14 @@ class Offline:
 
     def backbone_s(self, images: Tensor) -> float:
         with torch.inference_mode():
-            return _time(lambda: self.backbone.forward_plain(images))
+            return time_call(lambda: self.backbone.forward_plain(images))
 
     def path_s(self, images: Tensor, path: str) -> float:
         served = self.served
         assert served is not None and served.model is not None and served.routers is not None
         model, routers = served.model, served.routers
         with torch.inference_mode():
-            return _time(lambda: model.logits(images, routers, "fast" if path == "fast" else "reference"))
+            return time_call(lambda: model.logits(images, routers, "fast" if path == "fast" else "reference"))
 
     def own_task_fraction(self, images: Tensor, tasks: Sequence[int]) -> float:
         """Fraction of images whose most used router (over sites and the M picks) is their own task's."""
