@@ -561,7 +561,12 @@ def test_concurrent_random_walk_keeps_the_invariants_and_finishes() -> None:
             elif op < 0.96:
                 cache.discard(key)
             else:
-                cache.set_capacity(rng.choice([12, 14, 16]))
+                try:
+                    cache.set_capacity(rng.choice([12, 14, 16]))
+                except CacheCapacityError:
+                    # Documented refusal: the other three walkers can pin or load up to 15 bytes at once, more
+                    # than the smaller caps; the cap must then stay as it was, which assert_within_caps checks.
+                    pass
             assert_within_caps()
 
     workers = [Worker(lambda seed=seed: walk(seed)) for seed in range(4)]
