@@ -134,7 +134,11 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
         bar.set_postfix({name: f"{value * 100:.1f}" for name, value in accuracy.items()})
 
-    result = run(preset, args.methods.split(","), progress)
+    def checkpoint(partial: dict[str, Any]) -> None:
+        # Same files as the final report, marked incomplete, so a stopped run leaves its curves so far.
+        write_report(partial, Path(args.out), machine_description())
+
+    result = run(preset, args.methods.split(","), progress, checkpoint, args.checkpoint_every)
     bar.close()
     path = write_report(result, Path(args.out), machine_description())
     print(markdown_table(result))  # noqa: T201 - the table is the command's output
@@ -277,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a field of CaRE's TrainConfig (repeatable), e.g. covariance=diagonal, align_epochs=10",
     )
     accuracy.add_argument("--seed", type=int)
+    accuracy.add_argument(
+        "--checkpoint-every", type=int, default=10, help="write the results so far every N tasks (marked incomplete)"
+    )
     accuracy.add_argument("--threads", type=int, default=2)
     accuracy.add_argument("--out", default="docs/bench")
     accuracy.set_defaults(handler=_bench_accuracy)

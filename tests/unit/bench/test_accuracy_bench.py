@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,9 +25,20 @@ def test_accuracy_bench_runs_every_method_on_a_tiny_stream(tmp_path: Path) -> No
         ranpac_dim=64,
     )
     progress: list[int] = []
-    result = run(preset, ["care", "care-m1", "simplecil", "ranpac"], lambda done, total, _: progress.append(done))
+    checkpoints: list[dict[str, Any]] = []
+    result = run(
+        preset,
+        ["care", "care-m1", "simplecil", "ranpac"],
+        lambda done, total, _: progress.append(done),
+        checkpoints.append,
+        checkpoint_every=1,
+    )
 
     assert progress == [1, 2] and result["stream"] == {"name": "digits5", "tasks": 2, "classes": 4}
+    # One checkpoint after the first task (the last one is the result itself), marked incomplete.
+    assert [(c["complete"], c["tasks_done"]) for c in checkpoints] == [(False, 1)]
+    assert all(len(m["accuracy"]["stages"]) == 1 for m in checkpoints[0]["methods"].values())
+    assert result["complete"] and result["tasks_done"] == 2
     for name, method in result["methods"].items():
         stages = method["accuracy"]["stages"]
         assert len(stages) == 2, name
@@ -42,6 +54,8 @@ def test_accuracy_bench_runs_every_method_on_a_tiny_stream(tmp_path: Path) -> No
     assert json.loads(path.read_text())["meta"] == {"command": "test"}
     assert (tmp_path / "accuracy_digits5.png").stat().st_size > 0
     assert markdown_table(result).count("\n") == 1 + 4
+    partial = write_report(checkpoints[0], tmp_path / "partial", {"command": "test"})
+    assert json.loads(partial.read_text())["complete"] is False and partial.with_suffix(".png").stat().st_size > 0
 
 
 def test_train_options_parse_as_the_field_types() -> None:
