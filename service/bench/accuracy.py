@@ -88,6 +88,10 @@ class Method(Protocol):
 
     def state_bytes(self) -> int: ...
 
+    def details(self) -> dict[str, Any]:
+        """Per-task numbers that explain the curve (written to the JSON as they are)."""
+        ...
+
 
 class FeatureMethod:
     """Adapts a baseline on pooled features (SimpleCIL, RanPAC) to the benchmark."""
@@ -105,6 +109,12 @@ class FeatureMethod:
     def state_bytes(self) -> int:
         tensors = [v for v in vars(self.classifier).values() if isinstance(v, Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def details(self) -> dict[str, Any]:
+        # RanPAC picks its ridge per task from the task's own held-out images; the choice explains its jumps.
+        if isinstance(self.classifier, RanPAC):
+            return {"selected_ridges": list(self.classifier.selected_ridges)}
+        return {}
 
 
 class CareMethod:
@@ -150,6 +160,9 @@ class CareMethod:
         total += sum(w.numel() * 4 + b.numel() * 4 for task in routers for w, b in task)
         return int(total)
 
+    def details(self) -> dict[str, Any]:
+        return {"task_train_seconds": [round(seconds, 2) for seconds in self.task_seconds]}
+
 
 class PeakRss:
     """Samples this process's resident memory every 50 ms while running (the peak of a method's calls)."""
@@ -189,6 +202,7 @@ class MethodResult:
     eval_seconds: float = 0.0
     peak_rss_bytes: int = 0
     state_bytes: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -198,6 +212,7 @@ class MethodResult:
             "eval_seconds": round(self.eval_seconds, 2),
             "peak_rss_bytes": self.peak_rss_bytes,
             "state_bytes": self.state_bytes,
+            **self.details,
         }
 
 
@@ -314,6 +329,7 @@ def _report(
 ) -> dict[str, Any]:
     for method in methods:
         results[method.name].state_bytes = method.state_bytes()
+        results[method.name].details = method.details()
     return {
         "preset": {**dataclasses.asdict(preset), "train": dataclasses.asdict(preset.train)},
         "stream": {"name": preset.stream, "tasks": num_tasks, "classes": num_classes},

@@ -47,6 +47,8 @@ def test_accuracy_bench_runs_every_method_on_a_tiny_stream(tmp_path: Path) -> No
         assert summary["last_accuracy"] == stages[-1]["overall"], name
         assert method["learn_seconds"] >= 0 and method["peak_rss_bytes"] > 0, name  # SimpleCIL rounds to 0.0 s
     assert result["methods"]["care"]["learn_seconds"] > 0
+    assert len(result["methods"]["care"]["task_train_seconds"]) == 2
+    assert len(result["methods"]["ranpac"]["selected_ridges"]) == 2
     # Nearest-prototype on the classes it has seen: at least the first task's own test images are not all wrong.
     assert result["methods"]["simplecil"]["accuracy"]["stages"][0]["overall"] > 0.5
 
