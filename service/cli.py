@@ -153,7 +153,10 @@ def _bench_registry(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     caps: list[float | None] = [None if c == "none" else float(c) for c in args.caps.split(",")]
-    result = run(args.tasks, caps, args.batch, args.batches, args.image_size, logger.info)
+    try:
+        result = run(args.tasks, caps, args.batch, args.batches, args.image_size, logger.info)
+    except ValueError as error:
+        raise SystemExit(f"--caps: {error}") from None
     path = write_report(result, Path(args.out), machine_description())
     print(markdown_tables(result))  # noqa: T201 - the tables are the command's output
     logger.info("raw numbers in %s", path)

@@ -6,7 +6,6 @@ interleaved within each repeat so that machine noise hits them alike, and median
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -22,6 +21,7 @@ from model.config import ModelConfig
 from model.network import CareModel
 from model.routers import ResidentRouters
 from model.synthetic import random_shared, random_task
+from service.bench.report import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +121,7 @@ def bench_backbone(
 
 def write_report(rows: list[ModelBenchRow], out_dir: Path, meta: dict[str, object]) -> Path:
     """JSON of the raw numbers plus a PNG of latency against the number of tasks; returns the JSON path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "model_bench.json"
-    path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
+    path = write_json(out_dir, "model_bench.json", meta, {"rows": [asdict(r) for r in rows]})
     import matplotlib
 
     matplotlib.use("Agg")

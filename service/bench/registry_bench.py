@@ -9,7 +9,6 @@ their tasks uniformly or with Zipf(1.1) popularity (ranks shuffled, so popularit
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import statistics
@@ -27,6 +26,7 @@ from torch import Tensor
 from model.backbone import build_backbone
 from model.config import ModelConfig
 from registry import Registry
+from service.bench.report import write_json
 from service.bench.synthetic import key_images, populate
 from service.modelstore import CachedRouters, ModelStore, new_router_cache
 from service.snapshot import ServedModel, SnapshotLoader
@@ -166,6 +166,17 @@ def measure_latency(
     return rows
 
 
+def _check_caps(caps: list[float | None], total_bytes: int, largest_router: int) -> None:
+    """Refuse, before the timed part, a cap that cannot hold even one task's routers (small registries)."""
+    too_small = [fraction for fraction in caps if fraction is not None and total_bytes * fraction < largest_router]
+    if too_small:
+        smallest = largest_router / total_bytes
+        raise ValueError(
+            f"caps {too_small} of {total_bytes:,} router bytes cannot hold the largest task's routers "
+            f"({largest_router:,} bytes); use caps of at least {smallest:.2f} or a registry with more tasks"
+        )
+
+
 def run(
     num_tasks: int,
     caps: list[float | None],
@@ -187,12 +198,16 @@ def run(
         verify_started = time.perf_counter()
         store.registry.verify(manifest)
         verify_s = time.perf_counter() - verify_started
-        loads = measure_router_loads(store, manifest.version, [1, 10, 100, num_tasks], repeats=5)
+        first_tasks = sorted(
+            {task for task in (1, 10, 100, num_tasks) if task <= num_tasks}
+        )  # registries < 100 tasks too
+        loads = measure_router_loads(store, manifest.version, first_tasks, repeats=5)
         for load in loads:
             progress(f"router of task {load.task} ({load.bytes / 2**20:.2f} MiB): {load.median_ms:.2f} ms")
         uncapped, _ = _served(store, manifest.version, None)
         assert uncapped.routers is not None
         total = uncapped.routers.total_bytes()
+        _check_caps(caps, total, largest_router=max(load.bytes for load in loads))  # the last task's is largest
         owners = primary_tasks(uncapped, pool, batch)
         keyed = sum(owner == task for task, owner in enumerate(owners)) / len(owners)
         progress(f"key images routed mostly to their own task: {keyed:.1%}")
@@ -212,10 +227,7 @@ def run(
 
 
 def write_report(result: dict[str, Any], out_dir: Path, meta: dict[str, object]) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "registry_bench.json"
-    path.write_text(json.dumps({"meta": meta, **result}, indent=2))
-    return path
+    return write_json(out_dir, "registry_bench.json", meta, result)
 
 
 def markdown_tables(result: dict[str, Any]) -> str:

@@ -58,6 +58,7 @@ from model.trainer import LearnedTask
 from registry import Manifest, Registry
 from service.bench.model_bench import time_call
 from service.bench.registry_bench import Mix
+from service.bench.report import write_json
 from service.bench.synthetic import key_images, keyed_learned_tasks
 from service.modelstore import ModelStore, NewTask, new_router_cache
 from service.settings import Settings
@@ -1011,9 +1012,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def write_report(result: dict[str, Any], out_dir: Path, meta: dict[str, object]) -> Path:
     """JSON of the raw numbers and three PNG plots; returns the JSON path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "serve_bench.json"
-    path.write_text(json.dumps({"meta": meta, **result}, indent=2))
+    path = write_json(out_dir, "serve_bench.json", meta, result)
     for name, plot in _plots().items():
         plot(result, out_dir / f"serve_bench_{name}.png")
     return path

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import io
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 
 from service.bench.datasets import make_stream, png_bytes, write_imagefolder_zip
+from service.bench.report import write_json
 from service.bench.serve_bench import ServerProcess
 from service.settings import Settings
 
@@ -168,10 +168,7 @@ def _reported_settings(settings: Settings) -> dict[str, Any]:
 
 
 def write_report(result: dict[str, Any], out_dir: Path, meta: dict[str, object]) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "train_bench.json"
-    path.write_text(json.dumps({"meta": meta, **result}, indent=2))
-    return path
+    return write_json(out_dir, "train_bench.json", meta, result)
 
 
 def markdown_table(result: dict[str, Any]) -> str:
