@@ -285,6 +285,21 @@ def run(
     tests: list[TaskData] = []
     encode_seconds = 0.0
     offset = 0
+
+    def report(done: int) -> dict[str, Any]:
+        for method in methods:
+            results[method.name].state_bytes = method.state_bytes()
+            results[method.name].details = method.details()
+        return {
+            "preset": {**dataclasses.asdict(preset), "train": dataclasses.asdict(preset.train)},
+            "stream": {"name": preset.stream, "tasks": len(stream.tasks), "classes": len(stream.classes)},
+            "complete": done == len(stream.tasks),
+            "tasks_done": done,
+            "encode_seconds": round(encode_seconds, 2),
+            "total_seconds": round(time.perf_counter() - started, 2),
+            "methods": {name: result.to_dict() for name, result in results.items()},
+        }
+
     for task in stream.tasks:
         encoded_at = time.perf_counter()
         train, test = _encode_task(encode, task, offset)
@@ -307,38 +322,9 @@ def run(
         done = task.index + 1
         if progress is not None:
             progress(done, len(stream.tasks), {n: r.matrix.overall[-1] for n, r in results.items()})
-
         if checkpoint is not None and done % checkpoint_every == 0 and done < len(stream.tasks):
-            checkpoint(
-                _report(preset, len(stream.tasks), len(stream.classes), done, methods, results, encode_seconds, started)
-            )
-    return _report(
-        preset, len(stream.tasks), len(stream.classes), len(stream.tasks), methods, results, encode_seconds, started
-    )
-
-
-def _report(
-    preset: Preset,
-    num_tasks: int,
-    num_classes: int,
-    done: int,
-    methods: Sequence[Method],
-    results: dict[str, MethodResult],
-    encode_seconds: float,
-    started: float,
-) -> dict[str, Any]:
-    for method in methods:
-        results[method.name].state_bytes = method.state_bytes()
-        results[method.name].details = method.details()
-    return {
-        "preset": {**dataclasses.asdict(preset), "train": dataclasses.asdict(preset.train)},
-        "stream": {"name": preset.stream, "tasks": num_tasks, "classes": num_classes},
-        "complete": done == num_tasks,
-        "tasks_done": done,
-        "encode_seconds": round(encode_seconds, 2),
-        "total_seconds": round(time.perf_counter() - started, 2),
-        "methods": {name: result.to_dict() for name, result in results.items()},
-    }
+            checkpoint(report(done))
+    return report(len(stream.tasks))
 
 
 def _encode_task(encode: _Encoder, task: Task, offset: int) -> tuple[TaskData, TaskData]:
