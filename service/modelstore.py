@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -41,6 +41,17 @@ ROLE_CLASSIFIER = "classifier"
 RouterCache = TieredLRUCache[str, TaskRouters]
 
 
+def normal_tensors() -> AbstractContextManager[None]:
+    """Create tensors that autograd accepts, even when the caller runs under `torch.inference_mode`.
+
+    The router cache is shared by every pass of a process: in the worker, the train-accuracy and serving passes
+    (inference mode) and the next task's training steps (autograd) read the same cached routers. A tensor created
+    under inference mode is an "inference tensor" that autograd refuses to save for backward, so whatever enters
+    the cache is created outside it (no_grad still applies: nothing here records a graph).
+    """
+    return cast(AbstractContextManager[None], torch.inference_mode(False))
+
+
 def router_bytes(routers: TaskRouters) -> int:
     """Bytes a task's routers occupy (every site)."""
     return sum(w.numel() * w.element_size() + b.numel() * b.element_size() for w, b in routers)
@@ -56,11 +67,13 @@ def new_router_cache(
 
     def to_device(routers: TaskRouters) -> TaskRouters:
         # The loader reads files into memory of our own (Registry.load_tensors), so on a CPU this moves nothing.
-        return [(w.to(device), b.to(device)) for w, b in routers]
+        with normal_tensors():
+            return [(w.to(device), b.to(device)) for w, b in routers]
 
     def to_host(routers: TaskRouters) -> TaskRouters:
         if device.type == "cuda":
-            return [(w.cpu().pin_memory(), b.cpu().pin_memory()) for w, b in routers]
+            with normal_tensors():
+                return [(w.cpu().pin_memory(), b.cpu().pin_memory()) for w, b in routers]
         return routers
 
     return TieredLRUCache(
@@ -93,8 +106,9 @@ class CachedRouters:
         return self._cache.hold(key, lambda: self._load(task, path))
 
     def _load(self, task: int, path: str) -> TaskRouters:
-        tensors = self._registry.load_tensors(path)
-        return artifacts.routers_from_tensors(tensors, task, self._site_dims, path)
+        with normal_tensors(), torch.no_grad():
+            tensors = self._registry.load_tensors(path)
+            return artifacts.routers_from_tensors(tensors, task, self._site_dims, path)
 
     def total_bytes(self) -> int:
         """Bytes of every task's routers in float32: what an uncapped cache would hold (task t: t x (d + 1) a site)."""
