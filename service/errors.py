@@ -47,8 +47,24 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def safe_text(text: str) -> str:
+    """`text` with anything UTF-8 cannot encode (lone surrogates from undecodable bytes) as a backslash escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _safe(value: Any) -> Any:
+    """A JSON-able value whose strings (keys included) all encode as UTF-8, so rendering an error cannot raise."""
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, dict):
+        return {_safe(key): _safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_safe(item) for item in value]
+    return value
+
+
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "details": details or {}}}
+    return {"error": {"code": code, "message": safe_text(message), "details": _safe(details or {})}}
 
 
 def error_response(error: ApiError) -> JSONResponse:

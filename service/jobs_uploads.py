@@ -76,7 +76,8 @@ def stage_upload(
             )
         fsync_dir(image_dir)
         manifest = {"format": UPLOAD_FORMAT, "labels": list(labels), "classes": list(classes), "images": entries}
-        _write_durably(staging / MANIFEST_NAME, json.dumps(manifest, ensure_ascii=False).encode("utf-8"))
+        # ASCII JSON: names and labels are escaped, so no string (not even a lone surrogate) can fail to encode.
+        _write_durably(staging / MANIFEST_NAME, json.dumps(manifest, ensure_ascii=True).encode("ascii"))
         fsync_dir(staging)
     except BaseException:
         remove_tree(staging)

@@ -226,8 +226,12 @@ class _PartCollector:
         if self.counts[name] > rule.max_count:
             raise _too_large(f"more than {rule.max_count} {name!r} parts; {rule.hint}", {"limit": rule.max_count})
         raw = options.get(b"filename")
-        # Never trust client paths: keep the last component only (names are for messages, never for the disk).
-        filename = None if raw is None else raw.decode("utf-8", "replace").replace("\\", "/").rsplit("/", 1)[-1]
+        filename = None
+        if raw is not None:
+            decoded = raw.decode("utf-8", "surrogateescape")
+            _check_name(decoded, f"the file name of part {name!r} #{self.counts[name]}")
+            # Never trust client paths: keep the last component only (names are for messages, never for the disk).
+            filename = decoded.replace("\\", "/").rsplit("/", 1)[-1]
         self._part = _Part(name, filename)
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -372,6 +376,40 @@ def _not_a_file(path: str, kind: str) -> ApiError:
     return _bad(f"archive entry {path!r} is a {kind}; only regular files in <label>/ folders", {"entries": [path]})
 
 
+def _is_noncharacter(char: str) -> bool:
+    """U+FDD0..U+FDEF and the last two code points of every plane: reserved, never meant to be exchanged."""
+    code = ord(char)
+    return 0xFDD0 <= code <= 0xFDEF or code & 0xFFFE == 0xFFFE
+
+
+def _name_problem(name: str) -> str | None:
+    """Why a client-supplied name (archive entry, file name) is refused, or None if it is proper Unicode text."""
+    for char in name:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # how a byte that is not UTF-8 arrives (tarfile decodes with surrogateescape)
+            return f"is not valid UTF-8 (byte 0x{code - 0xDC00:02X})"
+        if unicodedata.category(char) == "Cs":
+            return f"contains the lone surrogate U+{code:04X}"
+        if _is_noncharacter(char):
+            return f"contains the Unicode non-character U+{code:04X}"
+    return None
+
+
+def _invalid_name(name: str, problem: str, what: str = "archive entry") -> ApiError:
+    shown = ascii(name)  # pure ASCII whatever the name holds: rendering the error can never fail
+    return ApiError(
+        422,
+        "invalid_name",
+        f"{what} {shown} {problem}; name files and folders in UTF-8 without non-characters",
+        {"entries": [shown[1:-1]], "reason": problem},
+    )
+
+
+def _check_name(name: str, what: str = "archive entry") -> None:
+    if (problem := _name_problem(name)) is not None:
+        raise _invalid_name(name, problem, what)
+
+
 def _zip_files(data: bytes, budget: _Budget) -> list[tuple[str, bytes]]:
     # Every central-directory record starts with this signature, so counting it bounds (from above) how many
     # ZipInfo objects ZipFile would build before we could look at a single one.
@@ -388,6 +426,7 @@ def _zip_files(data: bytes, budget: _Budget) -> list[tuple[str, bytes]]:
             parts = _split_path(path)
             if info.is_dir() or _skipped(parts):
                 continue
+            _check_name(path)
             if info.flag_bits & 0x1:
                 raise _bad(f"archive entry {path!r} is encrypted; send an unencrypted zip", {"entries": [path]})
             budget.image(path, info.file_size)
@@ -420,6 +459,7 @@ def _tar_files(data: bytes, budget: _Budget) -> list[tuple[str, bytes]]:
             parts = _split_path(path)
             if member.isdir() or _skipped(parts):
                 continue
+            _check_name(path)
             budget.image(path, member.size)
             reader = archive.extractfile(member)
             if reader is None:  # regular files always have one; None would mean tarfile changed underneath us
@@ -435,6 +475,8 @@ def _read_archive(data: bytes, limits: UploadLimits) -> tuple[list[tuple[str, by
         files = (_zip_files if is_zip else _tar_files)(data, _Budget(limits))
     except ApiError:
         raise
+    except UnicodeDecodeError as exc:  # a zip that flags its names as UTF-8 but holds other bytes
+        raise _invalid_name(exc.object.decode("utf-8", "surrogateescape"), "is not valid UTF-8") from exc
     except (*_CORRUPT, *_CORRUPT_TOO) as exc:
         kind = "a zip" if is_zip else "a zip or a tar (plain, gzip, bz2 or xz)"
         raise _bad(f"the archive could not be read as {kind} file ({exc}); send a zip or tar of folders") from exc
@@ -458,8 +500,12 @@ def _label_problem(label: str, max_length: int) -> str | None:
         category = unicodedata.category(char)
         # Cc control, Cs lone surrogate (JSON lets them through), Zl/Zp line breaks, Cf invisible formatting
         # (except the zero-width joiner that emoji sequences need).
-        if category in ("Cc", "Cs", "Zl", "Zp") or (category == "Cf" and char != "\u200d"):
+        if category == "Cs":  # a lone surrogate: JSON lets "\ud800" through, UTF-8 cannot encode it
+            return f"is not valid Unicode text (lone surrogate U+{ord(char):04X})"
+        if category in ("Cc", "Zl", "Zp") or (category == "Cf" and char != "\u200d"):
             return f"contains the control or invisible character U+{ord(char):04X}"
+        if _is_noncharacter(char):
+            return f"contains the Unicode non-character U+{ord(char):04X}"
     if "/" in label or "\\" in label:
         return "contains a path separator ('/' or '\\')"
     if label in (".", ".."):
@@ -508,6 +554,8 @@ def _finish_task(
     if len(labels) != len(images):
         message = f"{len(images)} images but {len(labels)} labels; send one label per image, in the same order"
         raise _bad(message, {"images": len(images), "labels": len(labels)})
+    # One spelling per class: "café" precomposed and decomposed must be one label (and clash with each other).
+    labels = [unicodedata.normalize("NFC", label) for label in labels]
     _check_labels(labels, limits)
     counts = Counter(labels)
     least = limits.min_images_per_class
@@ -544,8 +592,11 @@ async def _task_from_multipart(
     image_parts = [p for p in parts if p.name == "images"]
     labels = _parse_labels([p.text() for p in parts if p.name == "labels"])
     name = next((p.text() for p in parts if p.name == "name"), None) or None
-    if name is not None and (len(name) > _MAX_NAME_CHARS or any(unicodedata.category(c) == "Cc" for c in name)):
-        raise _bad(f"the task name must be at most {_MAX_NAME_CHARS} characters, without control characters")
+    if name is not None and (
+        len(name) > _MAX_NAME_CHARS or any(unicodedata.category(c) == "Cc" or _is_noncharacter(c) for c in name)
+    ):
+        message = f"the task name must be at most {_MAX_NAME_CHARS} characters, without control or non-characters"
+        raise _bad(message)
     if archive and (image_parts or labels):
         raise _bad("send an 'archive' part or 'images' and 'labels' parts, not both (archives label by folder)")
     if archive:

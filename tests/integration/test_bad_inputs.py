@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 from typing import Any
 
 import pytest
@@ -125,3 +126,59 @@ def test_too_many_predict_images_and_body_limits(
     assert client.post("/predict", files=files[:2]).status_code == 200
     files, labels = task_files(["big1", "big2"], per_class=40)
     check_envelope(client.post("/tasks", files=files, data={"labels": labels}), 413, "too_large")
+
+
+def gnu_tar(entries: dict[str, bytes]) -> bytes:
+    """A GNU-format tar with names written as raw bytes (a lone surrogate "\\udcXX" in a name becomes byte 0xXX)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT, errors="surrogateescape") as archive:
+        for path, data in entries.items():
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+HOSTILE: dict[str, tuple[dict[str, Any], str]] = {
+    "lone surrogate in a JSON label list": (
+        {**multipart([("a.png", GOOD), ("b.png", GOOD)], []), "data": {"labels": '["x\\udcff", "x\\udcff"]'}},
+        "invalid_label",
+    ),
+    "latin-1 tar entry name": (
+        {
+            "content": gnu_tar({"caf\udce9/0.png": GOOD, "caf\udce9/1.png": GOOD}),
+            "headers": {"content-type": "application/x-tar"},
+        },
+        "invalid_name",
+    ),
+    "file name byte 0xff in a valid label folder": (
+        {
+            "content": gnu_tar({"cat/0.png": GOOD, "cat/\udcff.png": GOOD}),
+            "headers": {"content-type": "application/x-tar"},
+        },
+        "invalid_name",
+    ),
+    "non-character label": (multipart([("a.png", GOOD), ("b.png", GOOD)], ["x\ufffe", "x\ufffe"]), "invalid_label"),
+}
+
+
+def test_hostile_names_are_422_and_leave_nothing_behind(client: TestClient, settings: Settings) -> None:
+    for name, (request, code) in HOSTILE.items():
+        response = client.post("/tasks", **request)
+        try:
+            check_envelope(response, 422, code)
+            response.content.decode("utf-8")  # strict: the envelope itself is valid UTF-8
+        except AssertionError as error:
+            raise AssertionError(f"case {name!r}: {error}") from error
+    assert client.get("/tasks").json() == []
+    assert [p.name for p in settings.uploads_dir.iterdir()] == []
+
+
+def test_precomposed_and_decomposed_labels_are_one_class(client: TestClient) -> None:
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    first = client.post("/tasks", **multipart([("a.png", GOOD), ("b.png", GOOD)], [composed, decomposed]))
+    assert first.status_code == 202, first.text
+    assert first.json()["classes"] == [composed]
+    again = client.post("/tasks", **multipart([("a.png", GOOD), ("b.png", GOOD)], [decomposed, decomposed]))
+    check_envelope(again, 409, "label_exists")
+    assert again.json()["error"]["details"]["labels"] == [composed]

@@ -24,7 +24,7 @@ import pytest
 from fastapi import FastAPI, Request
 from PIL import Image
 
-from service.errors import ApiError, install_error_handlers
+from service.errors import ApiError, error_response, install_error_handlers
 from service.images import decode_image, validate_images
 from service.uploads import (
     UploadLimits,
@@ -540,3 +540,86 @@ def test_a_real_huge_one_bit_png_is_refused_before_decoding() -> None:
 def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_images"):
         UploadLimits(max_images=0)
+
+
+# ---------------------------------------------------------------------------------------------------- hostile names
+
+
+def gnu_tar(entries: dict[str, bytes]) -> bytes:
+    """A GNU-format tar whose names go to the header as raw bytes: a lone surrogate "\\udcXX" becomes byte 0xXX."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT, errors="surrogateescape") as archive:
+        for path, data in entries.items():
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def zip_with_raw_name(good: str, bad: bytes) -> bytes:
+    """A zip flagged as UTF-8 (bit 11) in which the name `good` was replaced by the bytes `bad` (same length)."""
+    data = make_zip({**folder({"cat": 2}), good: png()})
+    assert len(good.encode()) == len(bad) and data.count(good.encode()) == 2  # local header + central directory
+    return data.replace(good.encode(), bad)
+
+
+def assert_renders(response: httpx.Response) -> dict[str, Any]:
+    """The error came back as a JSON envelope that is valid UTF-8 end to end."""
+    response.content.decode("utf-8")  # strict: raises if the server wrote anything that is not UTF-8
+    return error_of(response)
+
+
+# fmt: off
+HOSTILE_NAMES: list[tuple[str, dict[str, Any], str, str]] = [
+    # (id, request, code, fragment of the message)
+    ("lone surrogate in a JSON label list", {**images_form(["a"] * 2), "data": {"labels": '["a\\ud800", "a\\ud800"]'}},
+     "invalid_label", "lone surrogate U+D800"),
+    ("latin-1 label folder in a tar", raw(gnu_tar(folder({"caf\udce9": 2, "dog": 2})), "application/x-tar"),
+     "invalid_name", "byte 0xE9"),
+    ("file name byte 0xff in a valid label folder",
+     raw(gnu_tar({**folder({"cat": 2}), "cat/\udcff.png": png()}), "application/x-tar"), "invalid_name", "0xFF"),
+    ("zip flagged UTF-8 with other bytes", raw(zip_with_raw_name("cat/\u00e9.png", b"cat/\xff\xfe.png"),
+                                             "application/zip"), "invalid_name", "not valid UTF-8"),
+    ("non-character in a label", images_form(["cat\ufdd0"] * 2), "invalid_label", "non-character U+FDD0"),
+    ("non-character in an archive entry", raw(make_zip({**folder({"cat": 2}), "cat/x\uffff.png": png()}),
+                                               "application/zip"), "invalid_name", "non-character U+FFFF"),
+    ("non-character in a plane-16 label", images_form(["\U0010fffe"] * 2), "invalid_label", "U+10FFFE"),
+    ("latin-1 multipart file name",
+     raw(b'--XyZ\r\nContent-Disposition: form-data; name="images"; filename="caf\xe9.png"\r\n\r\n' + png()
+         + b"\r\n--XyZ--\r\n", "multipart/form-data; boundary=XyZ"), "invalid_name", "0xE9"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "code", "fragment"), [c[1:] for c in HOSTILE_NAMES], ids=[c[0] for c in HOSTILE_NAMES]
+)
+async def test_hostile_names_get_a_422_that_renders(request_kwargs: dict[str, Any], code: str, fragment: str) -> None:
+    response = await post("/tasks", **request_kwargs)
+    assert response.status_code == 422, response.text
+    error = assert_renders(response)
+    assert error["code"] == code
+    assert fragment in error["message"], error["message"]
+
+
+async def test_the_refused_entry_is_named_in_ascii() -> None:
+    response = await post(
+        "/tasks", **raw(gnu_tar({**folder({"cat": 2}), "cat/\udcff.png": png()}), "application/x-tar")
+    )
+    assert assert_renders(response)["details"]["entries"] == ["cat/\\udcff.png"]
+    assert response.content.isascii()
+
+
+async def test_labels_are_nfc_normalised_into_one_class() -> None:
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    response = await post("/tasks", **images_form([composed, decomposed, decomposed, composed]))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["labels"], body["classes"]) == ([composed] * 4, [composed])
+
+
+def test_an_error_with_unencodable_text_still_renders() -> None:
+    response = error_response(ApiError(422, "x", "bad \ud800 label", {"labels": [{"label\udcff": "a\ud800"}]}))
+    body = json.loads(bytes(response.body).decode("utf-8"))
+    assert body["error"]["message"] == "bad \\ud800 label"
+    assert body["error"]["details"] == {"labels": [{"label\\udcff": "a\\ud800"}]}
