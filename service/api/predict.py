@@ -24,6 +24,10 @@ async def predict(
     request: Request, state: StateDep, top_k: int = Query(5, ge=1, le=100, description="Classes per image.")
 ) -> PredictResponse:
     """Multipart `images` parts, or one raw `image/*` body. Scores are probabilities over every learned class."""
+    # The request is checked (body, content type, images) before the no-classes answer: a broken request gets its
+    # 4xx whether or not anything has been learned yet.
+    files = await read_predict_images(request, state.limits)
+    images = await state.decoders.run(files)
     if state.served().model is None:
         raise ApiError(
             503,
@@ -31,8 +35,6 @@ async def predict(
             "nothing has been learned yet: POST labelled images to /tasks first",
             headers={"Retry-After": "5"},
         )
-    files = await read_predict_images(request, state.limits)
-    images = await state.decoders.run(files)
     result = await state.batcher.submit(images)
     assert result.model.version is not None
     return PredictResponse(

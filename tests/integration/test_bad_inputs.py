@@ -182,3 +182,18 @@ def test_precomposed_and_decomposed_labels_are_one_class(client: TestClient) -> 
     again = client.post("/tasks", **multipart([("a.png", GOOD), ("b.png", GOOD)], [decomposed, decomposed]))
     check_envelope(again, 409, "label_exists")
     assert again.json()["error"]["details"]["labels"] == [composed]
+
+
+def test_a_bad_predict_request_gets_its_4xx_before_the_no_classes_answer(client: TestClient) -> None:
+    assert client.get("/model").json()["model_version"] is None  # nothing learned: a good request is 503
+    for name, (request, status, code) in PREDICT_CASES.items():
+        response = client.post("/predict", **request)
+        try:
+            check_envelope(response, status, code)
+        except AssertionError as error:
+            raise AssertionError(f"case {name!r}: {error}") from error
+    malformed = {"content": b"--XyZ\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=XyZ"}}
+    check_envelope(client.post("/predict", **malformed), 400, "bad_request")
+    response = client.post("/predict", content=GOOD, headers={"content-type": "image/png"})
+    check_envelope(response, 503, "no_classes")
+    assert response.headers["retry-after"]
