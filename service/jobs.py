@@ -26,6 +26,7 @@ Typical worker loop::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -55,7 +56,15 @@ from service.jobs_db import (
     set_failed,
     write_transaction,
 )
-from service.jobs_errors import InvalidTransition, JobStoreError, LabelConflict, QueueFull, TaskNotFound, UploadCorrupt
+from service.jobs_errors import (
+    IdempotencyKeyReused,
+    InvalidTransition,
+    JobStoreError,
+    LabelConflict,
+    QueueFull,
+    TaskNotFound,
+    UploadCorrupt,
+)
 from service.jobs_uploads import (
     STAGING_PREFIX,
     fsync_dir,
@@ -68,6 +77,7 @@ from service.jobs_uploads import (
 )
 
 __all__ = [
+    "IdempotencyKeyReused",
     "InvalidTransition",
     "JobStore",
     "JobStoreError",
@@ -79,11 +89,25 @@ __all__ = [
     "TaskStatus",
     "UploadCorrupt",
     "make_owner_id",
+    "request_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
 
 _TASK_ID = re.compile(r"t-[0-9a-f]{12}")
+
+
+def request_fingerprint(images: Sequence[tuple[str, bytes]], labels: Sequence[str], name: str | None) -> str:
+    """sha256 of what a task request asks for: each image's sha256, the labels and the name, in order.
+
+    File names are left out (they are only for messages), and so is the transport: a retry with a fresh multipart
+    boundary or as a zip instead of parts asks for the same task.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"labels": list(labels), "name": name}).encode("ascii"))
+    for _, data in images:
+        digest.update(hashlib.sha256(data).digest())
+    return digest.hexdigest()
 
 
 class JobStore:
@@ -168,8 +192,8 @@ class JobStore:
             images: (original file name, raw bytes) per image, already validated by the caller.
             labels: One label per image; the task's classes are the distinct labels in order of first appearance.
             name: Optional display name.
-            idempotency_key: A retry with the same key returns the existing task and writes nothing (the key wins
-                even if the body differs).
+            idempotency_key: A retry with the same key and the same request (images, labels, name) returns the
+                existing task and writes nothing; the same key with another request raises IdempotencyKeyReused.
             max_queued: Bound on tasks queued or training (this one included).
 
         Returns:
@@ -178,6 +202,7 @@ class JobStore:
         Raises:
             LabelConflict: A class is already used by a queued, training or ready task.
             QueueFull: ``max_queued`` tasks are already queued or training.
+            IdempotencyKeyReused: The key was first used with a different request.
             ValueError: No images, or not one label per image.
         """
         if not images or len(images) != len(labels):
@@ -185,7 +210,8 @@ class JobStore:
         if max_queued < 1:
             raise ValueError(f"max_queued must be at least 1, got {max_queued}")
         classes = list(dict.fromkeys(labels))
-        if idempotency_key is not None and (done := self._by_key(self._conn(), idempotency_key)) is not None:
+        fingerprint = None if idempotency_key is None else request_fingerprint(images, labels, name)
+        if idempotency_key is not None and (done := self._by_key(self._conn(), idempotency_key, fingerprint)):
             return done
         # Cheap checks before writing a possibly large upload; repeated under the write lock below.
         check_admission(self._conn(), classes, max_queued)
@@ -193,16 +219,17 @@ class JobStore:
         final: Path | None = None
         try:
             with self._write() as conn:
-                winner = None if idempotency_key is None else self._by_key(conn, idempotency_key)
+                winner = None if idempotency_key is None else self._by_key(conn, idempotency_key, fingerprint)
                 if winner is None:
                     pending = check_admission(conn, classes, max_queued)
                     task_id = new_task_id(conn, self.uploads_dir)
                     final = self.uploads_dir / task_id
                     publish_staged(staging, final)
+                    row = (task_id, name, json.dumps(classes), len(images), iso(self._clock()), idempotency_key)
                     seq = conn.execute(
-                        "INSERT INTO tasks (task_id, name, status, classes, num_images, created_at, idempotency_key)"
-                        " VALUES (?, ?, 'queued', ?, ?, ?, ?)",
-                        (task_id, name, json.dumps(classes), len(images), iso(self._clock()), idempotency_key),
+                        "INSERT INTO tasks (task_id, name, status, classes, num_images, created_at, idempotency_key,"
+                        " request_hash) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+                        (*row, fingerprint),
                     ).lastrowid
                     conn.executemany(
                         "INSERT INTO task_labels (task_seq, label, live) VALUES (?, ?, 1)", [(seq, c) for c in classes]
@@ -221,11 +248,15 @@ class JobStore:
         )
         return result
 
-    def _by_key(self, conn: sqlite3.Connection, key: str) -> SubmitResult | None:
+    def _by_key(self, conn: sqlite3.Connection, key: str, fingerprint: str | None) -> SubmitResult | None:
         row = conn.execute("SELECT * FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
         if row is None:
             return None
-        return SubmitResult(TaskRecord.from_row(row), created=False, position=pending_count(conn, row["seq"]))
+        record = TaskRecord.from_row(row)
+        # Tasks stored before request hashes existed (NULL) cannot be compared: the key alone decides for them.
+        if record.request_hash is not None and record.request_hash != fingerprint:
+            raise IdempotencyKeyReused(key, record.task_id)
+        return SubmitResult(record, created=False, position=pending_count(conn, row["seq"]))
 
     def _discard_unless_committed(self, final: Path) -> None:
         # The failure may have come from COMMIT itself; only remove the upload if no row refers to it.

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 TaskStatus = Literal["queued", "training", "ready", "failed"]
 STATUSES: tuple[TaskStatus, ...] = ("queued", "training", "ready", "failed")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_RETRY_AFTER_S = 30.0
 _SQL_CHUNK = 500  # stays far below SQLite's limit on bound parameters per statement
 
@@ -61,6 +61,11 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # Second line of defence behind the check in submit(): a label can be live in one task only.
         "CREATE UNIQUE INDEX task_labels_live ON task_labels (label) WHERE live = 1",
         "CREATE TABLE leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires_at REAL NOT NULL)",
+    ),
+    (
+        # sha256 of what a request with an idempotency key asked for (service.jobs.request_fingerprint); NULL for
+        # tasks stored before version 2 or without a key.
+        "ALTER TABLE tasks ADD COLUMN request_hash TEXT",
     ),
 )
 
@@ -112,6 +117,7 @@ class TaskRecord:
     attempts: int
     idempotency_key: str | None
     owner: str | None = None
+    request_hash: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> TaskRecord:
@@ -122,7 +128,7 @@ class TaskRecord:
             created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
             progress=_json_or_none(row["progress"]), model_version=row["model_version"],
             metrics=_json_or_none(row["metrics"]), error=row["error"], attempts=row["attempts"],
-            idempotency_key=row["idempotency_key"], owner=row["owner"],
+            idempotency_key=row["idempotency_key"], owner=row["owner"], request_hash=row["request_hash"],
         )  # fmt: skip
 
     def to_public(self) -> dict[str, Any]:

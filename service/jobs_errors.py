@@ -40,6 +40,23 @@ class LabelConflict(JobStoreError):
         )
 
 
+class IdempotencyKeyReused(JobStoreError):
+    """An idempotency key came back with another request (other images, labels or name) than its first use.
+
+    Args:
+        key: The reused key.
+        task_id: The task the key's first request created.
+    """
+
+    def __init__(self, key: str, task_id: str) -> None:
+        super().__init__(
+            f"the idempotency key was first used for task {task_id} with a different request; retry with the same "
+            "request, or use a new key for a new task"
+        )
+        self.key = key
+        self.task_id = task_id
+
+
 class QueueFull(JobStoreError):
     """The training queue holds as many tasks as allowed.
 

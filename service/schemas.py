@@ -54,6 +54,11 @@ class TaskPublic(BaseModel):
     model_version: int | None
     metrics: dict[str, Any] | None
     error: str | None
+    served_here: bool = Field(
+        False,
+        description="The server that answered already serves this task: it is ready and the server's loaded model "
+        "version is at least the task's model_version. `ready` alone only says a version with it was published.",
+    )
 
 
 class RouterCachePublic(BaseModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Request, Response
@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from service.api.deps import StateDep, require_admin
 from service.errors import ApiError
 from service.images import validate_images
-from service.jobs import LabelConflict, QueueFull, TaskNotFound
+from service.jobs import IdempotencyKeyReused, LabelConflict, QueueFull, TaskNotFound, TaskRecord
 from service.schemas import TaskAccepted, TaskPublic
 from service.uploads import read_task_upload
 
@@ -54,6 +54,14 @@ async def submit_task(
         )
     except LabelConflict as conflict:
         raise _conflict(sorted(conflict.labels)) from conflict
+    except IdempotencyKeyReused as reused:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            f"the Idempotency-Key was first used for task {reused.task_id} with different images, labels or name; "
+            "retry with exactly the same request, or send a new key for a new task",
+            {"task_id": reused.task_id},
+        ) from reused
     except QueueFull as full:
         raise ApiError(
             429,
@@ -72,8 +80,11 @@ async def submit_task(
     )
 
 
-def _public(record: Any) -> TaskPublic:
-    return TaskPublic.model_validate(record.to_public())
+def _public(record: TaskRecord, served_version: int | None) -> TaskPublic:
+    # Versions only grow along the lineage, so a server that loaded version v serves every task published up to v.
+    published = record.model_version if record.status == "ready" else None
+    served_here = published is not None and served_version is not None and served_version >= published
+    return TaskPublic.model_validate({**record.to_public(), "served_here": served_here})
 
 
 @router.get("/tasks/{task_id}", response_model=TaskPublic, summary="One task's status and progress")
@@ -84,10 +95,11 @@ async def get_task(task_id: str, state: StateDep) -> TaskPublic:
         raise ApiError(
             404, "task_not_found", f"no task {task_id!r}; GET /tasks lists the known tasks", {"task_id": task_id}
         ) from missing
-    return _public(record)
+    return _public(record, state.served().version)
 
 
 @router.get("/tasks", response_model=list[TaskPublic], summary="All tasks in submission order")
 async def list_tasks(state: StateDep) -> list[TaskPublic]:
     records = await anyio.to_thread.run_sync(state.jobs.list_tasks)
-    return [_public(r) for r in records]
+    served_version = state.served().version
+    return [_public(r, served_version) for r in records]

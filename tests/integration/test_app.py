@@ -111,6 +111,43 @@ def test_idempotency_key_returns_the_same_task(client: TestClient) -> None:
     assert duplicate.status_code == 409 and duplicate.json()["error"]["details"]["labels"] == ["x1", "x2"]
 
 
+def test_a_reused_idempotency_key_with_another_request_is_422(client: TestClient) -> None:
+    files, labels = task_files(["k1", "k2"])
+    key = {"Idempotency-Key": "reused"}
+    first = client.post("/tasks", files=files, data={"labels": labels}, headers=key)
+    assert first.status_code == 202, first.text
+    # A retry is the same request even with other file names (and a fresh multipart boundary).
+    renamed = [(field, (f"copy-{name}", data, kind)) for field, (name, data, kind) in files]
+    retry = client.post("/tasks", files=renamed, data={"labels": labels}, headers=key)
+    assert retry.status_code == 202 and retry.json()["task_id"] == first.json()["task_id"]
+    other_files, other_labels = task_files(["k3", "k4"])
+    for request in (
+        {"files": other_files, "data": {"labels": other_labels}},  # other images and labels
+        {"files": files, "data": {"labels": labels, "name": "renamed"}},  # same images, another name
+        {"files": files, "data": {"labels": list(reversed(labels))}},  # same images, labels swapped
+    ):
+        response = client.post("/tasks", **request, headers=key)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "idempotency_key_reused" and error["details"] == {"task_id": first.json()["task_id"]}
+    assert len(client.get("/tasks").json()) == 1
+
+
+def test_served_here_says_whether_the_answering_server_loaded_the_task(
+    settings: Settings, client: TestClient, client_factory: Callable[..., TestClient], worker: TrainingWorker
+) -> None:
+    stale = client_factory(updated(settings, poll_interval_s=3600))  # started now, it never loads a newer version
+    files, labels = task_files(["s1", "s2"])
+    task_id = client.post("/tasks", files=files, data={"labels": labels}).json()["task_id"]
+    assert client.get(f"/tasks/{task_id}").json()["served_here"] is False  # queued
+    assert wait_ready(client, task_id)["status"] == "ready"
+    wait_for(lambda: client.get(f"/tasks/{task_id}").json()["served_here"])
+    assert [t["served_here"] for t in client.get("/tasks").json()] == [True]
+    record = stale.get(f"/tasks/{task_id}").json()
+    assert (record["status"], record["model_version"], record["served_here"]) == ("ready", 1, False)
+    assert stale.get("/model").json()["model_version"] is None
+
+
 def test_queue_full_answers_429_with_retry_after(settings: Settings, client_factory: Callable[..., TestClient]) -> None:
     client = client_factory(updated(settings, max_queued_tasks=1))
     files, labels = task_files(["q1", "q2"])

@@ -22,8 +22,10 @@ from typing import Any
 import pytest
 
 import service.jobs as jobs
+import service.jobs_db as jobs_db
 from service import jobs_uploads
 from service.jobs import (
+    IdempotencyKeyReused,
     InvalidTransition,
     JobStore,
     JobStoreError,
@@ -163,10 +165,16 @@ def test_idempotent_retry_returns_the_same_task_and_writes_nothing(store: JobSto
     first = submit(store, ["x", "y"], key="k1")
     before = upload_entries(paths[1])
     retry = submit(store, ["x", "y"], key="k1")
-    different_body = submit(store, ["z"], key="k1")  # the key wins: same task, nothing new stored
+    renamed = [(f"other-{name}", data) for name, data in images_for(["x", "y"])]  # file names are not the request
+    same_content = store.submit(renamed, ["x", "y"], name=None, idempotency_key="k1", max_queued=100)
+    with pytest.raises(IdempotencyKeyReused) as reused:
+        submit(store, ["z"], key="k1")  # another request under the same key: refused, nothing stored
+    with pytest.raises(IdempotencyKeyReused):
+        store.submit(images_for(["x", "y"]), ["x", "y"], name="other", idempotency_key="k1", max_queued=100)
 
-    assert first.created and not retry.created and not different_body.created
-    assert retry.record == first.record == different_body.record
+    assert first.created and not retry.created and not same_content.created
+    assert retry.record == first.record == same_content.record
+    assert reused.value.task_id == first.record.task_id
     assert len(store.list_tasks()) == 1
     assert upload_entries(paths[1]) == before == {first.record.task_id}
     assert submit(store, ["z"], key="k2").record.task_id != first.record.task_id
@@ -602,3 +610,26 @@ def test_sigkill_during_submits_loses_no_acknowledged_task(paths: tuple[Path, Pa
         assert upload_entries(paths[1]) == visible
     finally:
         store.close()
+
+
+def test_a_version_1_database_is_migrated_and_its_keys_still_answer(paths: tuple[Path, Path]) -> None:
+    db, uploads = paths
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as raw:
+        for statement in jobs_db._MIGRATIONS[0]:
+            raw.execute(statement)
+        raw.execute("PRAGMA user_version = 1")
+        raw.execute(
+            "INSERT INTO tasks (task_id, name, status, classes, num_images, created_at, idempotency_key)"
+            " VALUES ('t-0123456789ab', NULL, 'queued', '[\"old\"]', 2, '2026-01-01T00:00:00.000Z', 'legacy')"
+        )
+    store = JobStore(db, uploads)
+    try:
+        old = store.get("t-0123456789ab")
+        assert old.request_hash is None
+        # Stored before request hashes existed: the key alone decides, as it did then.
+        assert submit(store, ["new"], key="legacy").record.task_id == old.task_id
+    finally:
+        store.close()
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
