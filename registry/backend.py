@@ -11,6 +11,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,11 +22,18 @@ from typing import Protocol, runtime_checkable
 from registry.errors import LockTimeout
 from registry.paths import LOCK_FILE, validate_relpath
 
-__all__ = ["FileStat", "LocalDirectoryBackend", "StagedFile", "StorageBackend"]
+__all__ = ["FileStat", "LocalDirectoryBackend", "StagedFile", "StorageBackend", "is_temp_name"]
 
 logger = logging.getLogger(__name__)
 
 _LOCK_POLL_S = 0.01
+# Staged files are ".<final name>.<uuid4 hex>.tmp" beside their final name (see LocalDirectoryBackend.stage).
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one of the backend's staged (not yet published) temporary files."""
+    return _TEMP_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
@@ -200,6 +208,37 @@ class LocalDirectoryBackend:
     def discard(self, staged: StagedFile) -> None:
         """Remove a staged file (no error when it is already gone)."""
         staged.temp_path.unlink(missing_ok=True)
+
+    def temp_files(self) -> list[tuple[Path, float]]:
+        """Staged files anywhere under the root (left by a crashed publisher, or being written now) and their mtimes."""
+        found: list[tuple[Path, float]] = []
+        for directory, _, names in os.walk(self.root):
+            for name in names:
+                if is_temp_name(name):
+                    path = Path(directory) / name
+                    with contextlib.suppress(FileNotFoundError):  # committed or discarded meanwhile
+                        found.append((path, path.lstat().st_mtime))
+        return found
+
+    def sweep_temp_files(self, older_than_s: float) -> list[Path]:
+        """Remove staged files unchanged for ``older_than_s`` seconds: leftovers of publishers that died.
+
+        A live publisher stages its files, then waits at most its lock timeout before renaming them, so keep
+        ``older_than_s`` well above that (minutes): a younger temp file may belong to a publish in progress.
+
+        Returns:
+            The removed files.
+        """
+        now = time.time()
+        removed = []
+        for path, mtime in self.temp_files():
+            if now - mtime >= older_than_s:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+        if removed:
+            logger.info("removed %d stale temporary file(s) under %s", len(removed), self.root)
+        return removed
 
     @contextlib.contextmanager
     def lock(self, timeout_s: float) -> Iterator[None]:

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from service.api import ops, predict, tasks
 from service.errors import install_error_handlers
+from service.housekeeping import Housekeeper
 from service.settings import Settings
 from service.state import AppState, build_state
 from service.supervisor import WorkerSupervisor
@@ -39,6 +40,11 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state: AppState = await anyio.to_thread.run_sync(build_state, settings)
         app.state.care = state
+        housekeeper = Housekeeper(settings, state.jobs)
+        app.state.housekeeper = housekeeper
+        logger.info("start-up sweep: %s", await anyio.to_thread.run_sync(housekeeper.sweep))
+        state.metrics.watch_data_dir(housekeeper.usage)
+        housekeeper.start()
         supervisor = WorkerSupervisor(settings) if with_worker else None
         state.batcher.start()
         state.watcher.start()
@@ -53,6 +59,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
             if supervisor is not None:
                 await anyio.to_thread.run_sync(supervisor.stop)
             await anyio.to_thread.run_sync(state.watcher.stop)
+            await anyio.to_thread.run_sync(housekeeper.stop)
             await state.batcher.stop()
             await anyio.to_thread.run_sync(state.decoders.close)
             state.jobs.close()

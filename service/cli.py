@@ -1,4 +1,4 @@
-"""`care-serve`: the command line (serve, worker, bench)."""
+"""`care-serve`: the command line (serve, worker, registry, bench)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,28 @@ def _worker(args: argparse.Namespace) -> int:
     from service.worker import run_worker
 
     return run_worker(_settings(args))
+
+
+def _registry_verify(args: argparse.Namespace) -> int:
+    """Check CURRENT, every manifest and every file's size and sha256; exit 1 naming each mismatch."""
+    from registry import LocalDirectoryBackend
+    from registry.verify import verify_registry
+
+    root = Path(args.registry) if args.registry else _settings(args).registry_dir
+    if not root.is_dir():
+        print(f"registry verify: {root} is not a directory; pass --data-dir or --registry")  # noqa: T201
+        return 2
+    report = verify_registry(LocalDirectoryBackend(root))
+    for problem in report.problems:
+        print(f"FAIL {problem.relpath}: {problem.message}")  # noqa: T201 - the report is the command's output
+    for note in report.notes:
+        print(f"note: {note}")  # noqa: T201
+    verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+    print(  # noqa: T201
+        f"{verdict}: {root}: CURRENT={report.current}, {report.versions} manifest(s), {report.files} file(s), "
+        f"{report.bytes} bytes checked"
+    )
+    return 0 if report.ok else 1
 
 
 def _train_options(train: object, options: Sequence[str]) -> dict[str, Any]:
@@ -244,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a training worker on its own")
     worker.add_argument("--data-dir", type=Path, help="registry, job database, uploads (CARE_DATA_DIR)")
     worker.set_defaults(handler=_worker)
+
+    registry_cmd = commands.add_parser("registry", help="inspect the model registry")
+    registry_cmds = registry_cmd.add_subparsers(dest="registry_command", required=True)
+    verify = registry_cmds.add_parser(
+        "verify", help="check CURRENT, every manifest and every file's size and sha256; exit 1 on any mismatch"
+    )
+    verify.add_argument("--data-dir", type=Path, help="data directory whose registry/ to check (CARE_DATA_DIR)")
+    verify.add_argument("--registry", type=Path, help="a registry directory (instead of <data dir>/registry)")
+    verify.set_defaults(handler=_registry_verify)
 
     bench = commands.add_parser("bench", help="benchmarks; results go to docs/benchmarks.md")
     benches = bench.add_subparsers(dest="bench", required=True)

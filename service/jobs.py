@@ -121,13 +121,22 @@ class JobStore:
         uploads_dir: Directory of the stored uploads; created when missing.
         busy_timeout_s: How long a statement waits for another process's write lock before failing.
         clock: Wall-clock time in seconds since the epoch, for timestamps and lease expiry (tests pass a fake).
+        keep_uploads: Keep a task's upload once it is marked ready; when False (the service's default,
+            ``CARE_KEEP_UPLOADS``) ``mark_ready`` deletes it, since nothing reads it again.
     """
 
     def __init__(
-        self, db_path: Path, uploads_dir: Path, *, busy_timeout_s: float = 30.0, clock: Callable[[], float] = time.time
+        self,
+        db_path: Path,
+        uploads_dir: Path,
+        *,
+        busy_timeout_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        keep_uploads: bool = True,
     ) -> None:
         self.db_path = Path(db_path)
         self.uploads_dir = Path(uploads_dir)
+        self.keep_uploads = keep_uploads
         self._busy_timeout_s = busy_timeout_s
         self._clock = clock
         self._local = threading.local()
@@ -316,6 +325,24 @@ class JobStore:
             raise InvalidTransition(task_id, "delete the upload of", f"it is {record.status} and still needs it")
         retire(task_dir)
 
+    def delete_ready_uploads(self) -> int:
+        """Delete the stored uploads of ready tasks (those ``mark_ready`` kept, or lost to a crash right after it).
+
+        Returns:
+            How many uploads were deleted.
+        """
+        deleted = 0
+        for path in self.uploads_dir.iterdir():
+            if not _TASK_ID.fullmatch(path.name):
+                continue
+            row = self._conn().execute("SELECT status FROM tasks WHERE task_id = ?", (path.name,)).fetchone()
+            if row is not None and row["status"] == "ready":  # no row: a submit in flight, or sweep_staging's
+                retire(path)
+                deleted += 1
+        if deleted:
+            logger.info("deleted the uploads of %d ready task(s)", deleted)
+        return deleted
+
     def sweep_staging(self, older_than_s: float) -> int:
         """Remove leftovers of crashed submits: staging directories and upload directories that no task owns.
 
@@ -479,6 +506,11 @@ class JobStore:
                 (iso(self._clock()), index, model_version, data, seq),
             )
         logger.info("task %s ready: index %d, model version %d", task_id, index, model_version)
+        if not self.keep_uploads:
+            try:  # after the commit: the task is ready whatever happens here, and nothing reads its upload again
+                retire(self._task_dir(task_id))
+            except OSError:
+                logger.warning("could not delete the upload of %s; the next sweep retries", task_id, exc_info=True)
 
     def mark_failed(self, task_id: str, error: str, *, owner: str | None = None) -> None:
         """Record that a queued or training task failed; its labels become free again."""

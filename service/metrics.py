@@ -8,7 +8,7 @@ drift from their source.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -75,6 +75,28 @@ class _StateCollector(Collector):
         )
 
 
+class _DataDirCollector(Collector):
+    """care_data_dir_bytes{kind}: disk usage of the data directory, measured by the housekeeper."""
+
+    def __init__(self, usage: Callable[[], Mapping[str, int]]) -> None:
+        self._usage = usage
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            usage = self._usage()
+        except Exception:  # a scrape must not fail because a directory vanished under the walk
+            logger.warning("could not measure the data directory for metrics", exc_info=True)
+            return
+        family = GaugeMetricFamily(
+            "care_data_dir_bytes",
+            "Bytes on disk under the data directory (registry|uploads|staging|jobs_db)",
+            labels=["kind"],
+        )
+        for kind, size in sorted(usage.items()):
+            family.add_metric([kind], size)
+        yield family
+
+
 def _histogram(name: str, documentation: str, values: Sequence[float], buckets: Sequence[float]) -> Metric:
     family = HistogramMetricFamily(name, documentation)
     cumulative = [(str(bound), sum(1 for v in values if v <= bound)) for bound in buckets]
@@ -118,6 +140,10 @@ class Metrics:
             "care_version_load_failures", "Published versions refused (corrupt or incompatible)", registry=registry
         )
         registry.register(_StateCollector(cache_stats, jobs))
+
+    def watch_data_dir(self, usage: Callable[[], Mapping[str, int]]) -> None:
+        """Export ``care_data_dir_bytes{kind}`` from ``usage`` (bytes by kind), called at scrape time."""
+        self.registry.register(_DataDirCollector(usage))
 
     def record_router_load(self, seconds: float, source: str) -> None:  # noqa: ARG002 - the cache hook's signature
         self.router_load_seconds.observe(seconds)

@@ -86,6 +86,18 @@ class Settings(BaseSettings):
     max_label_length: int = Field(64, ge=1)
     max_queued_tasks: int = Field(100, ge=1)
 
+    # Slow and concurrent requests (service/guard.py)
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Request line and headers must arrive within this; else 408 and the connection closes."
+    )
+    body_timeout_s: float = Field(30.0, gt=0, description="Longest pause in a request body before 408.")
+    body_min_rate: int = Field(
+        16384, ge=0, description="Bytes/s a request body must average once body_timeout_s has passed (0 = no minimum)."
+    )
+    upload_inflight_bytes: int = Field(
+        1024 * MIB, ge=1, description="Request-body bytes in flight across all requests; beyond it 429 uploads_busy."
+    )
+
     # Auth (off when empty)
     admin_token: SecretStr | None = Field(None, description="Bearer token required by /tasks.")
     api_key: SecretStr | None = Field(None, description="Key required by /predict (X-API-Key or Bearer).")
@@ -130,6 +142,11 @@ class Settings(BaseSettings):
     @property
     def uploads_dir(self) -> Path:
         return self.data_dir / "uploads"
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where request bodies are spooled while they are read (unnamed files: nothing is left after a crash)."""
+        return self.data_dir / "tmp"
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

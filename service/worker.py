@@ -21,7 +21,8 @@ import torch
 from model.backbone import make_transform
 from model.trainer import Lineage, TrainProgress, learn_task
 from registry import Manifest, Registry
-from service.jobs import JobStore, TaskRecord, make_owner_id
+from service.housekeeping import open_job_store
+from service.jobs import TaskRecord, make_owner_id
 from service.jobs_db import process_namespace
 from service.modelstore import LoadedTasks, ModelStore, NewTask, new_router_cache
 from service.settings import Settings
@@ -60,7 +61,7 @@ class TrainingWorker:
         self.device = settings.torch_device()
         self.registry = Registry.from_path(settings.registry_dir)
         self.store = ModelStore(self.registry, self.config, self.backbone, self.device)
-        self.jobs = JobStore(settings.jobs_db, settings.uploads_dir)
+        self.jobs = open_job_store(settings)  # a start-up sweep; deletes uploads once ready unless CARE_KEEP_UPLOADS
         self.cache = new_router_cache(self.device, settings.router_cache_bytes, settings.router_host_cache_bytes)
         self.preprocess = Preprocessor(
             make_transform(self.backbone, self.config.image_size), upload_limits(settings), self.device
