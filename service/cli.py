@@ -61,20 +61,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from service.app import create_app
+    from service.guard import serve
 
     settings = _settings(args)
     if args.no_worker:
         settings = settings.model_copy(update={"run_worker": False})
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=10,
-    )
+    serve(create_app(settings), settings)  # uvicorn behind the header/body timeouts and the in-flight cap
     return 0
 
 
