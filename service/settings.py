@@ -98,6 +98,15 @@ class Settings(BaseSettings):
         1024 * MIB, ge=1, description="Request-body bytes in flight across all requests; beyond it 429 uploads_busy."
     )
 
+    # Housekeeping (service/housekeeping.py)
+    keep_uploads: bool = Field(False, description="Keep a task's upload once it is ready (default: delete it).")
+    sweep_interval_s: float = Field(
+        300.0, ge=0, description="How often the server sweeps crash leftovers and ready uploads; 0 = at start-up only."
+    )
+    sweep_grace_s: float = Field(
+        900.0, ge=0, description="Staging directories and registry temp files younger than this are never swept."
+    )
+
     # Auth (off when empty)
     admin_token: SecretStr | None = Field(None, description="Bearer token required by /tasks.")
     api_key: SecretStr | None = Field(None, description="Key required by /predict (X-API-Key or Bearer).")
