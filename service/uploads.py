@@ -3,8 +3,14 @@
 Every bad input becomes an `ApiError` with the api.md code and a message that says what to change; nothing here
 answers 500 or reads past the limits. The body is streamed with a running byte count and refused (413) the
 moment it passes `max_body_bytes` (or at once when Content-Length says so); multipart parts are collected in
-memory with per-part count and size limits checked as the bytes arrive; archives are read in memory, never
-extracted to disk, with declared and actual unpacked sizes both bounded.
+memory with per-part count and size limits checked as the bytes arrive; archives are never extracted to disk as
+files, and their declared and actual unpacked sizes are both bounded.
+
+Task uploads are spooled, not held in memory: a raw archive body, a multipart `archive` part and the images
+(multipart `images` parts, or the members read out of an archive) go to unnamed temporary files
+(`tempfile.SpooledTemporaryFile`, in memory only up to `SPOOL_MEMORY_BYTES`) in the spool directory, and
+`TaskUpload.images` reads each image back only when it is asked for. Unnamed files vanish when closed or when the
+process dies, so a crash leaves nothing behind; close the upload (`TaskUpload.close`) once it is stored.
 
 Archives hold an ImageFolder tree `<label>/<file>`. One top-level folder wrapping all label folders (what
 `zip -r x.zip folder/` produces) is tolerated and dropped. `__MACOSX/` and hidden entries (any path component
@@ -29,13 +35,16 @@ import lzma
 import stat
 import struct
 import tarfile
+import tempfile
+import threading
 import unicodedata
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol, overload
 
 import anyio.to_thread
 from python_multipart.exceptions import FormParserError
@@ -66,6 +75,7 @@ TAR_TYPES = ("application/x-tar", "application/tar", "application/gzip", "applic
 _MAX_NAME_CHARS = 256
 _MESSAGE_ITEMS = 5  # problems spelled out in a message; `details` lists all of them
 _CHUNK = _MiB
+SPOOL_MEMORY_BYTES = _MiB  # a spool moves to disk beyond this
 # Archive readers give up on corrupt or hostile data with any of these; all mean "unreadable archive" (400).
 _CORRUPT = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, OSError, ValueError, RuntimeError)
 _CORRUPT_TOO = (NotImplementedError, zlib.error, lzma.LZMAError, struct.error, IndexError, KeyError)
@@ -104,21 +114,90 @@ class UploadLimits:
         return 3 * self.max_images + 1024
 
 
+class _Spool:
+    """Bytes of one request in an unnamed temporary file: in memory up to SPOOL_MEMORY_BYTES, then on disk."""
+
+    def __init__(self, directory: Path | None) -> None:
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+        where = None if directory is None else str(directory)
+        self.file: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES, dir=where)  # noqa: SIM115
+        self.size = 0
+        self._lock = threading.Lock()  # images are read back from worker threads
+
+    def append(self, data: bytes) -> int:
+        """Writes `data` at the end; returns its offset."""
+        with self._lock:
+            offset = self.size
+            self.file.seek(offset)
+            self.file.write(data)
+            self.size += len(data)
+            return offset
+
+    def read(self, offset: int, size: int) -> bytes:
+        with self._lock:
+            self.file.seek(offset)
+            return self.file.read(size)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class SpooledImages(Sequence[tuple[str, bytes]]):
+    """(name, bytes) pairs kept in a spool; each image is read back only when it is indexed."""
+
+    def __init__(self, spool: _Spool) -> None:
+        self.spool = spool
+        self._entries: list[tuple[str, int, int]] = []
+
+    def add(self, name: str, data: bytes) -> None:
+        self._entries.append((name, self.spool.append(data), len(data)))
+
+    def add_region(self, name: str, offset: int, size: int) -> None:
+        self._entries.append((name, offset, size))
+
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self._entries]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[str, bytes]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[str, bytes]]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[str, bytes] | list[tuple[str, bytes]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        name, offset, size = self._entries[index]
+        return name, self.spool.read(offset, size)
+
+
 @dataclass(frozen=True)
 class TaskUpload:
     """A parsed task upload: images with one label each, not yet decoded (see service.images.validate_images).
 
     Attributes:
         images: (file name, raw bytes) pairs in upload order; archive images are named by their member path.
+            Usually a `SpooledImages`: each image is read from the spool when it is indexed.
         labels: One label per image, same order.
         classes: The distinct labels in order of first appearance.
         name: The optional task name.
+        spools: The temporary files behind `images`; `close` releases them.
     """
 
-    images: list[tuple[str, bytes]]
+    images: Sequence[tuple[str, bytes]]
     labels: list[str]
     classes: list[str]
     name: str | None
+    spools: tuple[_Spool, ...] = ()
+
+    def close(self) -> None:
+        """Release the spooled bytes (the images cannot be read afterwards)."""
+        for spool in self.spools:
+            spool.close()
 
 
 def _bad(message: str, details: dict[str, Any] | None = None) -> ApiError:
@@ -158,6 +237,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
         return b"".join([chunk async for chunk in chunks])
 
 
+async def _spool_body(request: Request, limit: int, spool: _Spool) -> None:
+    async with contextlib.aclosing(_body_chunks(request, limit)) as chunks:
+        async for chunk in chunks:
+            spool.append(chunk)
+
+
 # ---------------------------------------------------------------------------------------------------- multipart
 
 
@@ -168,6 +253,7 @@ class _Rule:
     max_count: int
     max_bytes: int
     hint: str  # what to do when there are too many
+    spool: Literal["memory", "shared", "own"] = "memory"  # where the bytes go: a list, one spool for all, its own
 
 
 @dataclass
@@ -176,9 +262,17 @@ class _Part:
     filename: str | None
     chunks: list[bytes] = field(default_factory=list)
     size: int = 0
+    spool: _Spool | None = None
+    offset: int = 0  # where the part starts in its spool
+
+    def write(self, data: bytes) -> None:
+        if self.spool is not None:
+            self.spool.append(data)
+        else:
+            self.chunks.append(data)
 
     def data(self) -> bytes:
-        return b"".join(self.chunks)
+        return b"".join(self.chunks) if self.spool is None else self.spool.read(self.offset, self.size)
 
     def text(self) -> str:
         try:
@@ -190,8 +284,11 @@ class _Part:
 class _PartCollector:
     """python-multipart callbacks that keep parts in memory and enforce the `_Rule`s while the bytes arrive."""
 
-    def __init__(self, rules: dict[str, _Rule]) -> None:
+    def __init__(self, rules: dict[str, _Rule], spool_dir: Path | None = None) -> None:
         self.rules = rules
+        self.spool_dir = spool_dir
+        self.spools: list[_Spool] = []  # every spool the parts went to; the caller closes them
+        self.shared: _Spool | None = None
         self.parts: list[_Part] = []
         self.counts: Counter[str] = Counter()
         self.finished = False
@@ -233,6 +330,13 @@ class _PartCollector:
             # Never trust client paths: keep the last component only (names are for messages, never for the disk).
             filename = decoded.replace("\\", "/").rsplit("/", 1)[-1]
         self._part = _Part(name, filename)
+        if rule.spool == "own" or (rule.spool == "shared" and self.shared is None):
+            self.spools.append(_Spool(self.spool_dir))
+            if rule.spool == "shared":
+                self.shared = self.spools[-1]
+        if rule.spool != "memory":
+            self._part.spool = self.shared if rule.spool == "shared" else self.spools[-1]
+            self._part.offset = self._part.spool.size if self._part.spool is not None else 0
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self._part
@@ -244,7 +348,7 @@ class _PartCollector:
             which = f"{part.name!r} #{self.counts[part.name]}" + (f" ({part.filename!r})" if part.filename else "")
             details = {"part": part.name, "file": part.filename, "limit": rule.max_bytes}
             raise _too_large(f"part {which} is over the limit of {rule.max_bytes} bytes; send it smaller", details)
-        part.chunks.append(data[start:end])
+        part.write(data[start:end])
 
     def on_part_end(self) -> None:
         if self._part is not None:
@@ -266,12 +370,21 @@ class _PartCollector:
         }
 
 
-async def _read_multipart(request: Request, limits: UploadLimits, rules: dict[str, _Rule]) -> list[_Part]:
+async def _read_multipart(
+    request: Request,
+    limits: UploadLimits,
+    rules: dict[str, _Rule],
+    spools: list[_Spool] | None = None,
+    spool_dir: Path | None = None,
+) -> list[_Part]:
+    """The parts of a multipart body; spooled parts go to spools that are appended to `spools` (close them)."""
     _, params = parse_options_header(request.headers.get("content-type"))
     boundary = params.get(b"boundary")
     if not boundary:
         raise _bad("multipart Content-Type without a boundary; let the HTTP client build it (curl -F images=@a.png)")
-    collector = _PartCollector(rules)
+    collector = _PartCollector(rules, spool_dir)
+    if spools is not None:
+        collector.spools = spools  # shared with the caller, so that it closes them whatever happens here
     try:
         parser = MultipartParser(boundary, collector.callbacks())
         async with contextlib.aclosing(_body_chunks(request, limits.max_body_bytes)) as chunks:
@@ -410,13 +523,25 @@ def _check_name(name: str, what: str = "archive entry") -> None:
         raise _invalid_name(name, problem, what)
 
 
-def _zip_files(data: bytes, budget: _Budget) -> list[tuple[str, bytes]]:
+def _count(source: IO[bytes], needle: bytes) -> int:
+    """Occurrences of `needle` in the whole of `source`, read in chunks."""
+    source.seek(0)
+    count, tail = 0, b""
+    while chunk := source.read(_CHUNK):
+        window = tail + chunk
+        count += window.count(needle)
+        tail = window[-(len(needle) - 1) :]  # too short to hold a whole needle: nothing is counted twice
+    source.seek(0)
+    return count
+
+
+def _zip_files(source: IO[bytes], budget: _Budget, sink: SpooledImages) -> list[str]:
     # Every central-directory record starts with this signature, so counting it bounds (from above) how many
     # ZipInfo objects ZipFile would build before we could look at a single one.
-    if data.count(b"PK\x01\x02") > budget.limits.max_archive_entries:
+    if _count(source, b"PK\x01\x02") > budget.limits.max_archive_entries:
         raise budget.too_many_entries()
-    files: list[tuple[str, bytes]] = []
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+    files: list[str] = []
+    with zipfile.ZipFile(source) as archive:
         for info in archive.infolist():
             path = info.filename
             budget.entry(path, info.file_size)
@@ -431,22 +556,26 @@ def _zip_files(data: bytes, budget: _Budget) -> list[tuple[str, bytes]]:
                 raise _bad(f"archive entry {path!r} is encrypted; send an unencrypted zip", {"entries": [path]})
             budget.image(path, info.file_size)
             with archive.open(info) as member:
-                files.append((path, budget.read_member(path, member)))
+                sink.add(path, budget.read_member(path, member))
+            files.append(path)
     return files
 
 
-def _tar_files(data: bytes, budget: _Budget) -> list[tuple[str, bytes]]:
+def _tar_files(source: IO[bytes], budget: _Budget, sink: SpooledImages) -> list[str]:
     # Tar framing costs up to ~2 KiB per entry (header, padding, long-name records) on top of the file bytes.
     bound = budget.limits.max_body_bytes + 2048 * budget.limits.max_archive_entries
-    files: list[tuple[str, bytes]] = []
+    files: list[str] = []
+    source.seek(0)
+    magic = source.read(6)
+    source.seek(0)
     with contextlib.ExitStack() as stack:
-        raw: _Readable = io.BytesIO(data)
-        if data.startswith(b"\x1f\x8b"):
-            raw = stack.enter_context(gzip.GzipFile(fileobj=io.BytesIO(data)))
-        elif data.startswith(b"BZh"):
-            raw = stack.enter_context(bz2.BZ2File(io.BytesIO(data)))
-        elif data.startswith(b"\xfd7zXZ\x00"):
-            raw = stack.enter_context(lzma.LZMAFile(io.BytesIO(data)))
+        raw: _Readable = source
+        if magic.startswith(b"\x1f\x8b"):
+            raw = stack.enter_context(gzip.GzipFile(fileobj=source, mode="rb"))
+        elif magic.startswith(b"BZh"):
+            raw = stack.enter_context(bz2.BZ2File(source))
+        elif magic.startswith(b"\xfd7zXZ\x00"):
+            raw = stack.enter_context(lzma.LZMAFile(source))
         # Stream mode ("r|") reads strictly forward through the bounded stream, so nothing is unpacked twice and
         # skipping an entry costs at most its (already budgeted) declared size.
         archive = stack.enter_context(tarfile.open(fileobj=io.BufferedReader(_BoundedRaw(raw, bound)), mode="r|"))
@@ -464,15 +593,36 @@ def _tar_files(data: bytes, budget: _Budget) -> list[tuple[str, bytes]]:
             reader = archive.extractfile(member)
             if reader is None:  # regular files always have one; None would mean tarfile changed underneath us
                 raise _not_a_file(path, "entry without data")
-            files.append((path, budget.read_member(path, reader)))
+            sink.add(path, budget.read_member(path, reader))
+            files.append(path)
     return files
 
 
-def _read_archive(data: bytes, limits: UploadLimits) -> tuple[list[tuple[str, bytes]], list[str]]:
-    """Reads an ImageFolder zip or (optionally compressed) tar into images and labels. CPU-bound."""
-    is_zip = data[:4] in (b"PK\x03\x04", b"PK\x05\x06")  # sniffed: the declared Content-Type only gates entry
+def _read_archive(
+    data: bytes | IO[bytes], limits: UploadLimits, sink: SpooledImages | None = None
+) -> tuple[SpooledImages, list[str]]:
+    """Reads an ImageFolder zip or (optionally compressed) tar into images and labels. CPU-bound.
+
+    The images are copied into `sink` (default: a new spool in the system's temporary directory, closed on error);
+    the archive itself is read from `data` (bytes, or a seekable file) without holding it in memory.
+    """
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    owned = sink is None
+    images = SpooledImages(_Spool(None)) if sink is None else sink
     try:
-        files = (_zip_files if is_zip else _tar_files)(data, _Budget(limits))
+        return images, _archive_labels(source, limits, images)
+    except BaseException:
+        if owned:
+            images.spool.close()
+        raise
+
+
+def _archive_labels(source: IO[bytes], limits: UploadLimits, sink: SpooledImages) -> list[str]:
+    source.seek(0)
+    is_zip = source.read(4) in (b"PK\x03\x04", b"PK\x05\x06")  # sniffed: the declared Content-Type only gates entry
+    source.seek(0)
+    try:
+        files = (_zip_files if is_zip else _tar_files)(source, _Budget(limits), sink)
     except ApiError:
         raise
     except UnicodeDecodeError as exc:  # a zip that flags its names as UTF-8 but holds other bytes
@@ -480,14 +630,14 @@ def _read_archive(data: bytes, limits: UploadLimits) -> tuple[list[tuple[str, by
     except (*_CORRUPT, *_CORRUPT_TOO) as exc:
         kind = "a zip" if is_zip else "a zip or a tar (plain, gzip, bz2 or xz)"
         raise _bad(f"the archive could not be read as {kind} file ({exc}); send a zip or tar of folders") from exc
-    split = [(path, _split_path(path), payload) for path, payload in files]
-    if len({parts[0] for _, parts, _ in split}) == 1 and all(len(parts) >= 3 for _, parts, _ in split):
-        split = [(path, parts[1:], payload) for path, parts, payload in split]  # drop the one wrapping folder
-    misplaced = [path for path, parts, _ in split if len(parts) != 2]
+    split = [(path, _split_path(path)) for path in files]
+    if len({parts[0] for _, parts in split}) == 1 and all(len(parts) >= 3 for _, parts in split):
+        split = [(path, parts[1:]) for path, parts in split]  # drop the one wrapping folder
+    misplaced = [path for path, parts in split if len(parts) != 2]
     if misplaced:
         message = f"archive entries must be <label>/<file>, exactly one folder deep; {len(misplaced)} entries are not"
         raise _bad(f"{message}, e.g. {misplaced[0]!r}", {"entries": misplaced})
-    return [(path, payload) for path, _, payload in split], [parts[0] for _, parts, _ in split]
+    return [parts[0] for _, parts in split]
 
 
 # ---------------------------------------------------------------------------------------------------- labels
@@ -545,7 +695,11 @@ def _parse_labels(values: list[str]) -> list[str]:
 
 
 def _finish_task(
-    images: list[tuple[str, bytes]], labels: list[str], name: str | None, limits: UploadLimits
+    images: Sequence[tuple[str, bytes]],
+    labels: list[str],
+    name: str | None,
+    limits: UploadLimits,
+    spools: tuple[_Spool, ...] = (),
 ) -> TaskUpload:
     if not images:
         raise _bad("the upload holds no images; send 'images' file parts with labels, or an archive of folders")
@@ -564,7 +718,7 @@ def _finish_task(
         message = f"every class needs at least {least} images, {len(short)} have fewer: {shown}; add images"
         details = {"min_images_per_class": least, "counts": dict(counts), "classes": short}
         raise ApiError(422, "too_few_images", message, details)
-    return TaskUpload(images=images, labels=labels, classes=list(counts), name=name)
+    return TaskUpload(images=images, labels=labels, classes=list(counts), name=name, spools=spools)
 
 
 # ---------------------------------------------------------------------------------------------------- entry points
@@ -576,18 +730,20 @@ def _unsupported(content_type: str, accepted: list[str]) -> ApiError:
 
 
 async def _task_from_multipart(
-    request: Request, limits: UploadLimits
-) -> tuple[list[tuple[str, bytes]], list[str], str | None]:
+    request: Request, limits: UploadLimits, spools: list[_Spool], spool_dir: Path | None
+) -> tuple[Sequence[tuple[str, bytes]], list[str], str | None]:
     label_bytes = max(_MiB, limits.max_images * (6 * limits.max_label_length + 4))  # room for an escaped JSON list
     rules = {
-        "images": _Rule(limits.max_images, limits.max_image_bytes, f"a task has at most {limits.max_images} images"),
+        "images": _Rule(
+            limits.max_images, limits.max_image_bytes, f"a task has at most {limits.max_images} images", "shared"
+        ),
         "labels": _Rule(
             limits.max_images, label_bytes, f"a task has at most {limits.max_images} images, one label each"
         ),
         "name": _Rule(1, 4 * _MAX_NAME_CHARS, f"a task name has at most {_MAX_NAME_CHARS} characters"),
-        "archive": _Rule(1, limits.max_body_bytes, "send fewer or smaller images"),
+        "archive": _Rule(1, limits.max_body_bytes, "send fewer or smaller images", "own"),
     }
-    parts = await _read_multipart(request, limits, rules)
+    parts = await _read_multipart(request, limits, rules, spools, spool_dir)
     archive = [p for p in parts if p.name == "archive"]
     image_parts = [p for p in parts if p.name == "images"]
     labels = _parse_labels([p.text() for p in parts if p.name == "labels"])
@@ -600,12 +756,30 @@ async def _task_from_multipart(
     if archive and (image_parts or labels):
         raise _bad("send an 'archive' part or 'images' and 'labels' parts, not both (archives label by folder)")
     if archive:
-        images, labels = await anyio.to_thread.run_sync(_read_archive, archive[0].data(), limits)
+        assert archive[0].spool is not None  # the "own" rule
+        images, labels = await _spooled_archive(archive[0].spool, limits, spools, spool_dir)
         return images, labels, name
-    return [(p.filename or f"image-{i}", p.data()) for i, p in enumerate(image_parts)], labels, name
+    if not image_parts or image_parts[0].spool is None:
+        return [], labels, name
+    spooled = SpooledImages(image_parts[0].spool)  # the "shared" rule: every image part is in this one spool
+    for i, part in enumerate(image_parts):
+        spooled.add_region(part.filename or f"image-{i}", part.offset, part.size)
+    return spooled, labels, name
 
 
-async def read_task_upload(request: Request, limits: UploadLimits) -> TaskUpload:
+async def _spooled_archive(
+    body: _Spool, limits: UploadLimits, spools: list[_Spool], spool_dir: Path | None
+) -> tuple[SpooledImages, list[str]]:
+    """Reads the archive in `body` into a new spool (added to `spools`), then releases `body`."""
+    images = SpooledImages(_Spool(spool_dir))
+    spools.append(images.spool)
+    try:
+        return await anyio.to_thread.run_sync(_read_archive, body.file, limits, images)
+    finally:
+        body.close()
+
+
+async def read_task_upload(request: Request, limits: UploadLimits, spool_dir: Path | None = None) -> TaskUpload:
     """Reads and checks the body of `POST /tasks` (multipart images+labels, multipart archive, or a raw archive).
 
     Images are not decoded here; run `service.images.validate_images` in a worker thread afterwards. Labels are
@@ -614,9 +788,11 @@ async def read_task_upload(request: Request, limits: UploadLimits) -> TaskUpload
     Args:
         request: The incoming request; its body is consumed.
         limits: Upload limits.
+        spool_dir: Where the body and the images are spooled (unnamed files); default the system's temp dir.
 
     Returns:
-        The images, one label per image, the classes in order of first appearance, and the optional name.
+        The images, one label per image, the classes in order of first appearance, and the optional name; the
+        images are spooled: `close()` the upload once it is stored or refused.
 
     Raises:
         ApiError: 400 `bad_request` (malformed body or archive, label/image count mismatch, empty upload, labels
@@ -624,15 +800,24 @@ async def read_task_upload(request: Request, limits: UploadLimits) -> TaskUpload
             `too_few_images`.
     """
     content_type = parse_options_header(request.headers.get("content-type"))[0].decode("latin-1")
-    if content_type == MULTIPART:
-        images, labels, name = await _task_from_multipart(request, limits)
-    elif content_type in ZIP_TYPES or content_type in TAR_TYPES:
-        data = await _read_body(request, limits.max_body_bytes)
-        images, labels = await anyio.to_thread.run_sync(_read_archive, data, limits)
-        name = None
-    else:
-        raise _unsupported(content_type, [MULTIPART, *ZIP_TYPES, *TAR_TYPES])
-    upload = _finish_task(images, labels, name, limits)
+    spools: list[_Spool] = []
+    try:
+        images: Sequence[tuple[str, bytes]]
+        if content_type == MULTIPART:
+            images, labels, name = await _task_from_multipart(request, limits, spools, spool_dir)
+        elif content_type in ZIP_TYPES or content_type in TAR_TYPES:
+            body = _Spool(spool_dir)
+            spools.append(body)
+            await _spool_body(request, limits.max_body_bytes, body)
+            images, labels = await _spooled_archive(body, limits, spools, spool_dir)
+            name = None
+        else:
+            raise _unsupported(content_type, [MULTIPART, *ZIP_TYPES, *TAR_TYPES])
+        upload = _finish_task(images, labels, name, limits, tuple(spools))
+    except BaseException:
+        for spool in spools:
+            spool.close()
+        raise
     logger.info("task upload read: %d images, %d classes (%s)", len(upload.images), len(upload.classes), content_type)
     return upload
 

@@ -12,7 +12,8 @@ from service.errors import ApiError
 from service.images import validate_images
 from service.jobs import IdempotencyKeyReused, LabelConflict, QueueFull, TaskNotFound, TaskRecord
 from service.schemas import TaskAccepted, TaskPublic
-from service.uploads import read_task_upload
+from service.state import AppState
+from service.uploads import TaskUpload, read_task_upload
 
 router = APIRouter(dependencies=[Depends(require_admin)])
 
@@ -35,7 +36,14 @@ async def submit_task(
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> TaskAccepted:
     """Multipart `images` + `labels` (or a zip/tar ImageFolder). The upload is durable before the 202."""
-    upload = await read_task_upload(request, state.limits)
+    upload = await read_task_upload(request, state.limits, state.settings.spool_dir)
+    try:
+        return await _store(upload, response, state, idempotency_key)
+    finally:
+        upload.close()  # the spooled body and images: stored by now, or refused
+
+
+async def _store(upload: TaskUpload, response: Response, state: AppState, idempotency_key: str | None) -> TaskAccepted:
     if idempotency_key is None:
         # Cheap early answer; the job store checks again atomically when it stores the task.
         known = sorted(set(upload.classes) & state.jobs.known_labels())

@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import random
 import struct
 import tarfile
+import tracemalloc
 import zipfile
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -623,3 +625,85 @@ def test_an_error_with_unencodable_text_still_renders() -> None:
     body = json.loads(bytes(response.body).decode("utf-8"))
     assert body["error"]["message"] == "bad \\ud800 label"
     assert body["error"]["details"] == {"labels": [{"label\\udcff": "a\\ud800"}]}
+
+
+# ---------------------------------------------------------------------------------------------------- spooling
+
+
+def file_request(path: Any, content_type: str) -> Request:
+    """A request whose body is read from a file 256 KiB at a time, so the test itself holds none of it."""
+    handle = open(path, "rb")  # noqa: SIM115 - closed when the body ends
+
+    async def receive() -> dict[str, Any]:
+        chunk = handle.read(256 * 1024)
+        if not chunk:
+            handle.close()
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunk)}
+
+    headers = [(b"content-type", content_type.encode())]
+    return Request({"type": "http", "method": "POST", "path": "/tasks", "headers": headers}, receive)
+
+
+def fds_under(directory: Any) -> int:
+    """Open file descriptors of this process on files in `directory` (unnamed temp files included)."""
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found += os.readlink(f"/proc/self/fd/{fd}").startswith(str(directory))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar", "multipart"])
+async def test_a_big_upload_is_spooled_to_disk_not_held_in_memory(tmp_path: Any, kind: str) -> None:
+    limits = UploadLimits(max_body_bytes=64 * 1024**2, max_images=100, max_image_bytes=2 * 1024**2)
+    members = {f"{'ab'[i % 2]}/{i}.bin": random.Random(i).randbytes(1024**2) for i in range(24)}  # 24 MiB, stored
+    body = tmp_path / "body"
+    if kind == "zip":
+        with zipfile.ZipFile(body, "w", zipfile.ZIP_STORED) as archive:
+            for path, data in members.items():
+                archive.writestr(path, data)
+        content_type = "application/zip"
+    elif kind == "tar":
+        body.write_bytes(make_tar(members))
+        content_type = "application/x-tar"
+    else:
+        with body.open("wb") as out:
+            for path, data in members.items():
+                out.write(
+                    b'--XyZ\r\nContent-Disposition: form-data; name="images"; filename="%s"\r\n\r\n' % path.encode()
+                )
+                out.write(data + b"\r\n")
+            for path in members:
+                out.write(
+                    b'--XyZ\r\nContent-Disposition: form-data; name="labels"\r\n\r\n' + path[0].encode() + b"\r\n"
+                )
+            out.write(b"--XyZ--\r\n")
+        content_type = "multipart/form-data; boundary=XyZ"
+    spool_dir = tmp_path / "spool"
+    tracemalloc.start()
+    try:
+        upload = await read_task_upload(file_request(body, content_type), limits, spool_dir)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    try:
+        assert peak < 8 * 1024**2, f"{peak / 1024**2:.1f} MiB held in memory while reading a 24 MiB upload"
+        assert fds_under(spool_dir) >= 1  # the spooled images live in an unnamed file under the spool directory
+        assert len(upload.images) == 24 and upload.classes == ["a", "b"]
+        for (name, data), (path, expected) in zip(upload.images, members.items(), strict=True):
+            assert data == expected and name.endswith(path.rsplit("/", 1)[-1])
+    finally:
+        upload.close()
+    assert fds_under(spool_dir) == 0 and list(spool_dir.iterdir()) == []  # nothing left behind
+
+
+async def test_a_refused_upload_releases_its_spools(tmp_path: Any) -> None:
+    spool_dir = tmp_path / "spool"
+    body = tmp_path / "body"
+    body.write_bytes(make_zip({**folder({"cat": 2}), "dog/0.png": png()}))  # one class too small: 422
+    with pytest.raises(ApiError) as caught:
+        await read_task_upload(file_request(body, "application/zip"), LIMITS, spool_dir)
+    assert caught.value.code == "too_few_images"
+    assert fds_under(spool_dir) == 0 and list(spool_dir.iterdir()) == []
