@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.harness import Process, base_env, free_port, start_server, wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(180)]
 
 TIMEOUT_S = 2.0
 INFLIGHT = 1 << 20
