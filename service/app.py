@@ -10,6 +10,7 @@ import anyio
 from fastapi import FastAPI
 
 from service.api import ops, predict, tasks
+from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
 from service.housekeeping import Housekeeper
 from service.settings import Settings
@@ -70,4 +71,5 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
     app.include_router(predict.router)
     app.include_router(tasks.router)
     app.include_router(ops.router)
+    install_openapi(app, settings)
     return app

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import anyio
 from fastapi import APIRouter, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.api import openapi
 from service.api.deps import StateDep
 from service.errors import ApiError
 from service.schemas import ModelPublic, RouterCachePublic
@@ -18,7 +20,11 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: backbone loaded and warmed up, registry readable")
+@router.get(
+    "/readyz",
+    summary="Readiness: backbone loaded and warmed up, registry readable",
+    responses=openapi.READYZ_RESPONSES,
+)
 async def readyz(state: StateDep) -> dict[str, object]:
     if not state.ready.is_set():
         raise ApiError(503, "not_ready", "the model is still loading", headers={"Retry-After": "2"})
@@ -56,7 +62,12 @@ async def model(state: StateDep) -> ModelPublic:
     )
 
 
-@router.get("/metrics", summary="Prometheus text exposition")
+@router.get(
+    "/metrics",
+    summary="Prometheus text exposition",
+    response_class=PlainTextResponse,
+    responses=openapi.METRICS_RESPONSES,
+)
 async def metrics(state: StateDep) -> Response:
     body = await anyio.to_thread.run_sync(generate_latest, state.metrics.registry)
     return Response(content=body, media_type=CONTENT_TYPE_LATEST)

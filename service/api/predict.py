@@ -6,6 +6,7 @@ import time
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from service.api import openapi
 from service.api.deps import StateDep, require_api_key
 from service.errors import ApiError
 from service.schemas import ImagePrediction, PredictResponse, ScoredLabel
@@ -19,6 +20,8 @@ router = APIRouter()
     response_model=PredictResponse,
     dependencies=[Depends(require_api_key)],
     summary="Classify images over all learned classes",
+    responses=openapi.PREDICT_RESPONSES,
+    openapi_extra=openapi.PREDICT_BODY,
 )
 async def predict(
     request: Request, state: StateDep, top_k: int = Query(5, ge=1, le=100, description="Classes per image.")

@@ -7,6 +7,7 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Depends, Header, Request, Response
 
+from service.api import openapi
 from service.api.deps import StateDep, require_admin
 from service.errors import ApiError
 from service.images import validate_images
@@ -28,7 +29,14 @@ def _conflict(labels: list[str]) -> ApiError:
     )
 
 
-@router.post("/tasks", status_code=202, response_model=TaskAccepted, summary="Learn a set of new classes")
+@router.post(
+    "/tasks",
+    status_code=202,
+    response_model=TaskAccepted,
+    summary="Learn a set of new classes",
+    responses=openapi.SUBMIT_TASK_RESPONSES,
+    openapi_extra=openapi.TASKS_BODY,
+)
 async def submit_task(
     request: Request,
     response: Response,
@@ -95,7 +103,12 @@ def _public(record: TaskRecord, served_version: int | None) -> TaskPublic:
     return TaskPublic.model_validate({**record.to_public(), "served_here": served_here})
 
 
-@router.get("/tasks/{task_id}", response_model=TaskPublic, summary="One task's status and progress")
+@router.get(
+    "/tasks/{task_id}",
+    response_model=TaskPublic,
+    summary="One task's status and progress",
+    responses=openapi.GET_TASK_RESPONSES,
+)
 async def get_task(task_id: str, state: StateDep) -> TaskPublic:
     try:
         record = await anyio.to_thread.run_sync(state.jobs.get, task_id)
@@ -106,7 +119,12 @@ async def get_task(task_id: str, state: StateDep) -> TaskPublic:
     return _public(record, state.served().version)
 
 
-@router.get("/tasks", response_model=list[TaskPublic], summary="All tasks in submission order")
+@router.get(
+    "/tasks",
+    response_model=list[TaskPublic],
+    summary="All tasks in submission order",
+    responses=openapi.LIST_TASKS_RESPONSES,
+)
 async def list_tasks(state: StateDep) -> list[TaskPublic]:
     records = await anyio.to_thread.run_sync(state.jobs.list_tasks)
     served_version = state.served().version
