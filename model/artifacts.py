@@ -7,7 +7,9 @@ Key scheme (s = site index, 0-based; names after the prefix are the modules' own
     kind "task-routers"   sites.{s}.router.{weight,bias}           weight (t, d) for the t-th task (1-based)
     kind "shared"         sites.{s}.shared.{same names as expert}
     kind "classifier"     classifier.weight                         (C, D), task blocks in task order
-    kind "trainer-state"  stats.mean (C, D), stats.var (C, D) or stats.cov (C, D, D), stats.count (C,)
+                          head.{scale,weight,bias,temperature}      the analytic head (model/head.py), if any
+    kind "trainer-state"  stats.mean (C, D), stats.var (C, D) or stats.cov (C, D, D), stats.count (C,)  (cosine)
+                          head.gram (D', D'), head.class_sums (C, D'), head.class_counts (C,)   (analytic head)
 
 Every file carries string metadata: `care.format`, `care.kind`, `care.model_config` (JSON of ModelConfig),
 `care.fingerprint` and `care.site_dims` (JSON list), plus kind-specific entries (`care.task_index`,
@@ -26,6 +28,7 @@ from torch import Tensor, nn
 from model.adapter import TaskModules
 from model.bank import AdapterStack, ExpertBank, PerceptronStack, SiteBank
 from model.config import ModelConfig
+from model.head import AnalyticHead
 from model.routers import TaskRouters
 
 FORMAT_VERSION = "1"
@@ -211,21 +214,49 @@ def empty_bank(shared: Mapping[str, Tensor], config: ModelConfig, site_dims: Seq
     return ExpertBank(sites)
 
 
-def classifier_tensors(weight: Tensor) -> dict[str, Tensor]:
-    return {"classifier.weight": weight.detach().cpu().contiguous()}
+def classifier_tensors(weight: Tensor, head: AnalyticHead | None = None) -> dict[str, Tensor]:
+    """The cosine classifier, and the analytic head when the version has one."""
+    tensors = {"classifier.weight": weight}
+    if head is not None:
+        tensors.update(head.to_tensors())
+    return {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
 
 
 def classifier_from_tensors(tensors: Mapping[str, Tensor], num_classes: int, feature_dim: int, source: str) -> Tensor:
     return _expect(tensors, "classifier.weight", (num_classes, feature_dim), source)
 
 
-def trainer_state_tensors(stats: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Per-class statistics under `stats.*` keys."""
-    return {f"stats.{key}": value.detach().cpu().contiguous() for key, value in stats.items()}
+def head_from_tensors(
+    tensors: Mapping[str, Tensor], config: ModelConfig, num_classes: int, source: str
+) -> AnalyticHead | None:
+    """The analytic head of a classifier file; None under the cosine head. Refuses a file that does not match."""
+    has_head = any(key.startswith("head.") for key in tensors)
+    if config.head == "cosine":
+        if has_head:
+            raise IncompatibleArtifactError(
+                f"{source}: has an analytic head, but the configuration serves the cosine one"
+            )
+        return None
+    if not has_head:
+        raise IncompatibleArtifactError(f"{source}: has no analytic head; it was made for the cosine head")
+    try:
+        return AnalyticHead.from_tensors(dict(tensors), num_classes, source)
+    except ValueError as error:
+        raise IncompatibleArtifactError(str(error)) from None
 
 
-def trainer_state_from_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {key.removeprefix("stats."): value for key, value in tensors.items() if key.startswith("stats.")}
+def trainer_state_tensors(
+    stats: Mapping[str, Tensor] | None, head: Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """Per-class statistics under `stats.*` keys and the analytic head's under `head.*`."""
+    tensors = {f"stats.{key}": value for key, value in (stats or {}).items()}
+    tensors.update({f"head.{key}": value for key, value in (head or {}).items()})
+    return {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+
+
+def trainer_state_from_tensors(tensors: Mapping[str, Tensor], prefix: str = "stats") -> dict[str, Tensor]:
+    """The `prefix.*` part of a trainer state ("stats": cosine-head statistics, "head": analytic-head ones)."""
+    return {key.removeprefix(f"{prefix}."): value for key, value in tensors.items() if key.startswith(f"{prefix}.")}
 
 
 def stack_tasks(

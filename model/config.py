@@ -32,6 +32,10 @@ DEFAULT_CNN_SITES: dict[str, tuple[str, ...]] = {
 }
 
 CovarianceMode = Literal["full", "diagonal"]
+# The served head: "analytic" (ridge regression on random ReLU features of phi, solved in closed form from
+# statistics accumulated over every task; model/head.py) or "cosine" (CaRE's cosine classifier with Gaussian-replay
+# alignment, the paper's method, kept as `care-reference`).
+HeadKind = Literal["analytic", "cosine"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class ModelConfig:
         expert_dropout: Dropout inside experts while training (CaRE: 0.1).
         cosine_scale: tau, the scale of cosine logits in the losses and in served probabilities (CaRE: 20).
         image_size: Input resolution (square); None means the backbone's pretrained resolution.
+        head: The served head: "analytic" (closed form, the default) or "cosine" (CaRE's, with alignment).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -61,8 +66,11 @@ class ModelConfig:
     expert_dropout: float = 0.1
     cosine_scale: float = 20.0
     image_size: int | None = None
+    head: HeadKind = "analytic"
 
     def __post_init__(self) -> None:
+        if self.head not in ("analytic", "cosine"):
+            raise ValueError(f"ModelConfig.head must be 'analytic' or 'cosine', got {self.head!r}")
         for name in ("expert_dim", "shared_dim", "top_routers", "top_experts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -116,6 +124,11 @@ class TrainConfig:
         align_samples_per_class: Gaussian samples drawn per seen class and alignment epoch.
         align_batch_size: Mini-batch size of classifier alignment.
         seed: Seeds every random choice of the task (initialisation, shuffling, dropout, replay).
+        min_steps: Fewest optimiser steps a task trains for: tiny tasks get more epochs, so that a task of a few
+            images still moves its experts (0 keeps the bare epoch count, as CaRE does).
+        old_class_negatives: Train the new classes against the (fixed) classifier rows of every earlier class as
+            well, not only against each other, so a one-class task has a contrast to learn from (CaRE: off).
+        ridge_ratio: The analytic head's ridge, as a fraction of the mean eigenvalue of its Gram matrix.
     """
 
     epochs: int = 10
@@ -130,6 +143,9 @@ class TrainConfig:
     align_samples_per_class: int = 64
     align_batch_size: int = 128
     seed: int = 1993
+    min_steps: int = 0
+    old_class_negatives: bool = False
+    ridge_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -138,3 +154,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.covariance must be 'full' or 'diagonal', got {self.covariance!r}")
         if self.align_epochs < 0 or self.align_samples_per_class < 1:
             raise ValueError("TrainConfig.align_epochs must be >= 0 and align_samples_per_class >= 1")
+        if self.min_steps < 0 or not self.ridge_ratio > 0:
+            raise ValueError(
+                f"TrainConfig needs min_steps >= 0 and ridge_ratio > 0, got {self.min_steps}, {self.ridge_ratio}"
+            )

@@ -1,7 +1,8 @@
-"""CareModel: a frozen backbone, the resident bank of learned tasks and the cosine classifier.
+"""CareModel: a frozen backbone, the resident bank of learned tasks and the served head.
 
 A `CareModel` is immutable once built: learning a task produces a new one. Routers are not part of it; every
-forward call receives a `RouterSource`, so one model can be served with any router cache.
+forward call receives a `RouterSource`, so one model can be served with any router cache. The served head is the
+analytic head (model/head.py) when the version has one, else CaRE's cosine classifier.
 """
 
 from __future__ import annotations
@@ -16,17 +17,37 @@ from model.backbone import SiteBackbone, SiteFn
 from model.bank import ExpertBank
 from model.classifier import class_probabilities, cosine_logits
 from model.config import ModelConfig
+from model.head import AnalyticHead, head_inputs
 from model.moe import RoutingOptions, fast_moe, reference_moe
 from model.routers import RouterSource
 
 InferencePath = Literal["fast", "reference"]
 
 
-def run_sites(backbone: SiteBackbone, hidden: Tensor, site_fn: Callable[[int], SiteFn]) -> Tensor:
-    """Run the backbone from its embedding through every site to the pooled feature."""
+def run_sites(
+    backbone: SiteBackbone,
+    hidden: Tensor,
+    site_fn: Callable[[int], SiteFn],
+    site_vectors: list[Tensor] | None = None,
+) -> Tensor:
+    """Run the backbone from its embedding through every site to the pooled feature.
+
+    When `site_vectors` is given, the pooled input of every site (the vector its routers read) is appended to it.
+    """
     for site in range(backbone.num_sites):
-        hidden = backbone.forward_site(hidden, site, site_fn(site))
+        moe = site_fn(site)
+        if site_vectors is not None:
+            moe = _recording(moe, site_vectors)
+        hidden = backbone.forward_site(hidden, site, moe)
     return backbone.forward_head(hidden)
+
+
+def _recording(moe: SiteFn, vectors: list[Tensor]) -> SiteFn:
+    def run(tokens: Tensor, routing: Tensor) -> Tensor:
+        vectors.append(routing)
+        return moe(tokens, routing)
+
+    return run
 
 
 class CareModel:
@@ -37,17 +58,28 @@ class CareModel:
         backbone: The frozen, site-cut backbone.
         bank: Experts, perceptrons and E_bar of the learned tasks, on the backbone's device.
         classifier: (C, D) cosine classifier weights of all learned classes, task blocks in task order.
+        head: The analytic head over the same classes; when given it is what `logits` and `predict_proba` use.
     """
 
-    def __init__(self, config: ModelConfig, backbone: SiteBackbone, bank: ExpertBank, classifier: Tensor) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        backbone: SiteBackbone,
+        bank: ExpertBank,
+        classifier: Tensor,
+        head: AnalyticHead | None = None,
+    ) -> None:
         if len(bank.sites) != backbone.num_sites:
             raise ValueError(f"bank has {len(bank.sites)} sites, backbone {backbone.num_sites}")
         if classifier.shape[0] != sum(bank.num_classes):
             raise ValueError(f"classifier has {classifier.shape[0]} classes, tasks {sum(bank.num_classes)}")
+        if head is not None and head.num_classes != classifier.shape[0]:
+            raise ValueError(f"head has {head.num_classes} classes, classifier {classifier.shape[0]}")
         self.config = config
         self.backbone = backbone
         self.bank = bank
         self.classifier = classifier
+        self.head = head
 
     @property
     def num_tasks(self) -> int:
@@ -97,19 +129,53 @@ class CareModel:
         options = RoutingOptions(self.config.top_routers, self.config.top_experts, selected=selected)
         return run_sites(self.backbone, hidden, self._site_fn(routers, path, options))
 
+    @torch.inference_mode()
+    def head_inputs_from_embedding(self, hidden: Tensor, routers: RouterSource, path: InferencePath = "fast") -> Tensor:
+        """What the served head reads: analytic-head inputs (`model.head.head_inputs`), or phi for the cosine head."""
+        if self.head is None:
+            return self.features_from_embedding(hidden, routers, path)
+        return head_inputs(*self.features_and_site_vectors(hidden, routers, path))
+
+    @torch.inference_mode()
+    def features_and_site_vectors(
+        self, hidden: Tensor, routers: RouterSource, path: InferencePath = "fast"
+    ) -> tuple[Tensor, list[Tensor]]:
+        """phi (B, D) and the pooled input of every site (what the analytic head reads besides phi)."""
+        if self.num_tasks == 0:
+            raise ValueError("no task has been learned yet: there is nothing to route to")
+        options = RoutingOptions(self.config.top_routers, self.config.top_experts)
+        vectors: list[Tensor] = []
+        features = run_sites(self.backbone, hidden, self._site_fn(routers, path, options), vectors)
+        return features, vectors
+
+    def scores(self, inputs: Tensor) -> Tensor:
+        """The served head's scores (B, C) of its inputs: LDA scores, or cosines without an analytic head."""
+        if self.head is not None:
+            return self.head.scores(inputs)
+        return cosine_logits(inputs, self.classifier)
+
+    def probabilities(self, inputs: Tensor) -> Tensor:
+        """The served head's probabilities (B, C) of its inputs; each row sums to 1 over every class."""
+        if self.head is not None:
+            return self.head.probabilities(inputs)
+        return class_probabilities(cosine_logits(inputs, self.classifier), self.config.cosine_scale)
+
     def logits_from_embedding(self, hidden: Tensor, routers: RouterSource) -> Tensor:
-        """Cosine logits (B, C) from `backbone.embed` output, through the fast path."""
-        return cosine_logits(self.features_from_embedding(hidden, routers), self.classifier)
+        """Scores (B, C) from `backbone.embed` output, through the fast path."""
+        return self.scores(self.head_inputs_from_embedding(hidden, routers))
 
+    @torch.inference_mode()
     def logits(self, images: Tensor, routers: RouterSource, path: InferencePath = "fast") -> Tensor:
-        """Cosine logits (B, C) over all learned classes."""
-        return cosine_logits(self.forward_features(images, routers, path), self.classifier)
+        """Scores (B, C) over all learned classes (argmax = the prediction)."""
+        return self.scores(self.head_inputs_from_embedding(self.backbone.embed(images), routers, path))
 
+    @torch.inference_mode()
     def predict_proba(self, images: Tensor, routers: RouterSource, path: InferencePath = "fast") -> Tensor:
         """Probabilities (B, C) over all learned classes; they sum to 1 over every class."""
-        return class_probabilities(self.logits(images, routers, path), self.config.cosine_scale)
+        return self.probabilities(self.head_inputs_from_embedding(self.backbone.embed(images), routers, path))
 
     def to(self, device: torch.device | str) -> CareModel:
         """This model on another device (the backbone is moved in place; it is shared)."""
         self.backbone.to(device)
-        return CareModel(self.config, self.backbone, self.bank.to(device), self.classifier.to(device))
+        head = None if self.head is None else self.head.to(device)
+        return CareModel(self.config, self.backbone, self.bank.to(device), self.classifier.to(device), head)

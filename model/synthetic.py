@@ -9,10 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn import functional as F
 
 from model.adapter import Adapter, TaskModules, adapters, shared_experts
 from model.config import ModelConfig
+from model.head import AnalyticHead
 
 
 def _randomize_adapter(adapter: Adapter, generator: torch.Generator, scale: float) -> None:
@@ -56,3 +58,17 @@ def random_shared(
     for adapter in adapters(shared):
         _randomize_adapter(adapter, generator, expert_scale)
     return shared.eval()
+
+
+def synthetic_head(config: ModelConfig, classifier: Tensor, site_dims: Sequence[int]) -> AnalyticHead | None:
+    """An analytic head that scores like the given cosine rows (on the phi block only), or None for the cosine head.
+
+    Random tasks have no statistics to solve a head from; this one keeps versions of random tasks loadable and
+    their predictions spread over every class.
+    """
+    if config.head != "analytic":
+        return None
+    num_classes = classifier.shape[0]
+    weight = torch.cat([F.normalize(classifier, dim=1).T, torch.zeros(sum(site_dims), num_classes)])
+    scale = torch.ones(weight.shape[0])
+    return AnalyticHead(scale, weight.contiguous(), torch.zeros(num_classes), 1.0 / config.cosine_scale)

@@ -22,6 +22,7 @@ images are not augmented per epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +39,7 @@ from model.backbone import SiteBackbone, SiteFn
 from model.bank import AdapterStack, ExpertBank, FoldedAdapters, FoldedPerceptrons, PerceptronStack, SiteBank
 from model.classifier import cosine_logits
 from model.config import ModelConfig, TrainConfig
+from model.head import AnalyticHead, HeadStatistics, block_scales, head_inputs, solve_head
 from model.moe import RoutingOptions, fast_moe
 from model.network import CareModel, run_sites
 from model.routers import ResidentRouters, RouterSource, TaskRouters
@@ -68,13 +70,19 @@ class Lineage:
         bank: Experts, perceptrons and E_bar of the learned tasks; None before the first task.
         routers: Routers of the learned tasks.
         classifier: (C, D) cosine classifier of all learned classes ((0, D) before the first task).
-        statistics: Per-class feature statistics (None before the first task).
+        statistics: Per-class feature statistics for the cosine head's alignment (None before the first task,
+            and always with the analytic head, which does not need them).
+        head_statistics: What the analytic head is solved from (None before the first task or with the cosine head).
+        head: The served analytic head over every learned class (None before the first task or with the cosine
+            head); its input scales are fixed by the first task.
     """
 
     bank: ExpertBank | None
     routers: RouterSource
     classifier: Tensor
     statistics: ClassStatistics | None
+    head_statistics: HeadStatistics | None = None
+    head: AnalyticHead | None = None
 
     @property
     def num_tasks(self) -> int:
@@ -87,7 +95,8 @@ class Lineage:
     def to(self, device: torch.device | str) -> Lineage:
         """The lineage with its resident tensors on `device` (routers stay wherever their source keeps them)."""
         bank = None if self.bank is None else self.bank.to(device)
-        return Lineage(bank, self.routers, self.classifier.to(device), self.statistics)
+        head = None if self.head is None else self.head.to(device)
+        return Lineage(bank, self.routers, self.classifier.to(device), self.statistics, self.head_statistics, head)
 
 
 @dataclass(frozen=True)
@@ -98,8 +107,10 @@ class LearnedTask:
     task: TaskModules
     shared: nn.ModuleList | None  # E_bar, only when the first task was learned
     classifier: Tensor  # (C + n_T, D), every block after alignment
-    statistics: ClassStatistics  # all classes
+    statistics: ClassStatistics | None  # all classes (cosine head only)
     metrics: dict[str, float] = field(default_factory=dict)
+    head: AnalyticHead | None = None  # the served head over every class (analytic head only)
+    head_statistics: HeadStatistics | None = None  # what `head` was solved from
 
     def routers(self) -> TaskRouters:
         routers = [self.task.router(site) for site in range(self.task.num_sites)]
@@ -159,6 +170,8 @@ def advance(lineage: Lineage, learned: LearnedTask, site_dims: list[int], config
         routers=lineage.routers.with_task(learned.routers()),
         classifier=learned.classifier,
         statistics=learned.statistics,
+        head_statistics=learned.head_statistics,
+        head=learned.head,
     )
 
 
@@ -252,9 +265,15 @@ class _TaskTrainer:
             dropout=self.config.expert_dropout,
             perceptron_logits=perceptron_logits,
         )
-        cosines = cosine_logits(self.features(hidden, options), self.block)
+        features = self.features(hidden, options)
+        cosines = cosine_logits(features, self.block)
         scale = self.config.cosine_scale
-        main = F.cross_entropy(scale * cosines, labels)
+        if self.train.old_class_negatives and len(self.old_classifier):
+            # The new classes against every earlier class's (fixed) row too: a contrast even for one new class.
+            everything = cosine_logits(features, torch.cat([self.old_classifier.detach(), self.block]))
+            main = F.cross_entropy(scale * everything, labels + len(self.old_classifier))
+        else:
+            main = F.cross_entropy(scale * cosines, labels)
         teacher = cosines.detach()
         half = len(perceptron_logits) / 2
         aux_terms = []
@@ -362,15 +381,18 @@ def learn_task_embedded(
         )
     started = time.perf_counter()
     device = lineage.classifier.device
+    analytic = config.head == "analytic"
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(train.seed)  # dropout masks
         trainer = _TaskTrainer(backbone, config, train, lineage, num_classes, progress)
         hidden = hidden.to(device)
         labels = labels.to(device)
-        epochs, lr = train.epochs, train.lr
+        lr = train.lr
+        epochs = max(train.epochs, math.ceil(train.min_steps / math.ceil(len(hidden) / train.batch_size)))
+        align = train.align_epochs > 0 and not analytic  # the analytic head is solved, not aligned
+        statistics: ClassStatistics | None = None
         if trainer.index == 0:
             loss = trainer.run_stage(hidden, labels, epochs, lambda e: lr * 0.5 * (1 + math.cos(math.pi * e / epochs)))
-            statistics = trainer.with_new_statistics(hidden, labels)
         else:
             first = epochs // 2
             second = epochs - first
@@ -379,34 +401,69 @@ def learn_task_embedded(
                 loss = trainer.run_stage(
                     hidden, labels, first, lambda e: lr * 0.5 * (1 + math.cos(math.pi * e / epochs))
                 )
-                if train.align_epochs:
+                if align:
                     trainer.align(trainer.with_new_statistics(hidden, labels))
             loss = trainer.run_stage(
                 hidden, labels, second, lambda e: lr / 2 * 0.5 * (1 + math.cos(math.pi * e / second))
             )
+        if not analytic:
             statistics = trainer.with_new_statistics(hidden, labels)
-            if train.align_epochs:
+            if align and trainer.index > 0:
                 trainer.align(statistics)
     classifier = torch.cat([trainer.old_classifier, trainer.block.detach()])
     trainer.task.eval().requires_grad_(False)
     if trainer.shared is not None:
         trainer.shared.eval().requires_grad_(False)
     learned = LearnedTask(trainer.index, trainer.task, trainer.shared, classifier, statistics)
-    accuracy = _train_accuracy(backbone, config, lineage, learned, hidden, labels)
-    learned.metrics.update(train_accuracy=accuracy, final_loss=loss, seconds=time.perf_counter() - started)
+    features = served_features(backbone, config, lineage, learned, hidden)
+    offset = lineage.classifier.shape[0]
+    if analytic:
+        learned = _with_analytic_head(learned, lineage, backbone, train, features, labels, offset)
+    with torch.no_grad():
+        scores = cosine_logits(features, learned.classifier) if learned.head is None else learned.head.scores(features)
+        accuracy = float((scores.argmax(dim=1) == labels + offset).float().mean())
+    learned.metrics.update(
+        train_accuracy=accuracy, final_loss=loss, seconds=time.perf_counter() - started, epochs=float(epochs)
+    )
     return learned
 
 
-def _train_accuracy(
-    backbone: SiteBackbone, config: ModelConfig, lineage: Lineage, learned: LearnedTask, hidden: Tensor, labels: Tensor
-) -> float:
-    """Accuracy on the task's own images when served: routed without a task id, over every learned class."""
+def served_features(
+    backbone: SiteBackbone, config: ModelConfig, lineage: Lineage, learned: LearnedTask, hidden: Tensor
+) -> Tensor:
+    """What the served head reads of the task's images as the next version serves them (routed without a task id):
+    the analytic head's inputs, unscaled (`model.head.head_inputs`), or phi for the cosine head."""
     bank = append_task(lineage.bank, learned, backbone.site_dims, config)
     routers = _WithLiveRouters(lineage.routers, learned.index, learned.routers())
     model = CareModel(config, backbone, bank, learned.classifier)
-    offset = lineage.classifier.shape[0]
-    correct = 0
+    chunks = []
     for start in range(0, len(hidden), EMBED_CHUNK):
-        logits = model.logits_from_embedding(hidden[start : start + EMBED_CHUNK], routers)
-        correct += int((logits.argmax(dim=1) == labels[start : start + EMBED_CHUNK] + offset).sum())
-    return correct / len(hidden)
+        features, vectors = model.features_and_site_vectors(hidden[start : start + EMBED_CHUNK], routers)
+        chunks.append(head_inputs(features, vectors) if config.head == "analytic" else features)
+    return torch.cat(chunks).clone()  # a normal tensor: callers may keep it beside autograd
+
+
+def head_block_dims(backbone: SiteBackbone) -> list[int]:
+    """Widths of the analytic head's input blocks: phi, then every site's pooled input."""
+    return [backbone.feature_dim, *backbone.site_dims]
+
+
+def _with_analytic_head(
+    learned: LearnedTask,
+    lineage: Lineage,
+    backbone: SiteBackbone,
+    train: TrainConfig,
+    inputs: Tensor,
+    labels: Tensor,
+    offset: int,
+) -> LearnedTask:
+    """`learned` with the analytic head over every class: the task's served inputs added to the statistics."""
+    if lineage.head is None:  # the first task fixes the block scales for the lineage
+        scale, previous = block_scales(inputs, head_block_dims(backbone)).to(inputs.device), 1.0
+    else:
+        scale, previous = lineage.head.scale, lineage.head.temperature
+    statistics = lineage.head_statistics or HeadStatistics.empty(inputs.shape[1])
+    with torch.no_grad():
+        statistics = statistics.add(inputs * scale, labels, learned.classifier.shape[0] - offset)
+        head = solve_head(statistics, scale, train.ridge_ratio, (inputs, labels + offset), previous)
+    return dataclasses.replace(learned, head=head, head_statistics=statistics)

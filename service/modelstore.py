@@ -26,6 +26,7 @@ from model.alignment import ClassStatistics
 from model.backbone import SiteBackbone
 from model.bank import ExpertBank
 from model.config import ModelConfig
+from model.head import AnalyticHead, HeadStatistics
 from model.routers import TaskRouters
 from model.trainer import LearnedTask, Lineage
 from registry import Manifest, Registry, TaskRecord, check_compatible, task_file_path, version_file_path
@@ -127,10 +128,11 @@ class NewTask:
 
 @dataclass(frozen=True)
 class LoadedTasks:
-    """The resident tensors of a version: the bank (on device) and the classifier."""
+    """The resident tensors of a version: the bank (on device), the cosine classifier and the analytic head."""
 
     bank: ExpertBank
     classifier: Tensor
+    head: AnalyticHead | None = None
 
 
 class ModelStore:
@@ -172,7 +174,7 @@ class ModelStore:
         classifier_path = version_file_path(version, ROLE_CLASSIFIER)
         new_files: dict[str, tuple[Mapping[str, Tensor], Mapping[str, str]]] = {
             classifier_path: (
-                artifacts.classifier_tensors(last.classifier),
+                artifacts.classifier_tensors(last.classifier, last.head),
                 self._metadata(artifacts.KIND_CLASSIFIER, num_classes=int(last.classifier.shape[0])),
             )
         }
@@ -215,7 +217,10 @@ class ModelStore:
             tasks=tasks,
             new_files=new_files,
             version_files={ROLE_SHARED: shared_path, ROLE_CLASSIFIER: classifier_path},
-            trainer_state=artifacts.trainer_state_tensors(last.statistics.to_tensors()),
+            trainer_state=artifacts.trainer_state_tensors(
+                None if last.statistics is None else last.statistics.to_tensors(),
+                None if last.head_statistics is None else last.head_statistics.to_tensors(),
+            ),
             extra=dict(extra or {}),
         )
 
@@ -234,12 +239,13 @@ class ModelStore:
         self.registry.verify(manifest)
         classifier_path = manifest.version_files[ROLE_CLASSIFIER]
         num_classes = sum(len(t.classes) for t in manifest.tasks)
+        classifier_tensors = self._read(classifier_path, artifacts.KIND_CLASSIFIER)
         classifier = artifacts.classifier_from_tensors(
-            self._read(classifier_path, artifacts.KIND_CLASSIFIER),
-            num_classes,
-            self.backbone.feature_dim,
-            classifier_path,
+            classifier_tensors, num_classes, self.backbone.feature_dim, classifier_path
         ).to(self.device)
+        head = artifacts.head_from_tensors(classifier_tensors, self.config, num_classes, classifier_path)
+        if head is not None:
+            head = head.to(self.device)
         start, bank = 0, None
         if previous is not None:
             old_manifest, old_tasks = previous
@@ -258,14 +264,16 @@ class ModelStore:
                 tensors, self.config, self.site_dims, len(task.classes), path
             )
             bank = bank.append([e.to(self.device) for e in experts], [p.to(self.device) for p in perceptrons])
-        return LoadedTasks(bank, classifier)
+        return LoadedTasks(bank, classifier, head)
 
-    def load_statistics(self, manifest: Manifest) -> ClassStatistics:
-        """The trainer's per-class statistics as of `manifest` (trainer only)."""
+    def load_statistics(self, manifest: Manifest) -> tuple[ClassStatistics | None, HeadStatistics | None]:
+        """The trainer's statistics as of `manifest` (trainer only): the cosine head's or the analytic head's."""
         state = self.registry.load_trainer_state(manifest.version)
         if state is None:
             raise ValueError(f"version {manifest.version} has no trainer state; it cannot be continued by a trainer")
-        return ClassStatistics.from_tensors(artifacts.trainer_state_from_tensors(state.tensors))
+        if self.config.head == "analytic":
+            return None, HeadStatistics.from_tensors(artifacts.trainer_state_from_tensors(state.tensors, "head"))
+        return ClassStatistics.from_tensors(artifacts.trainer_state_from_tensors(state.tensors)), None
 
     def load_lineage(
         self,
@@ -277,11 +285,14 @@ class ModelStore:
         if manifest is None:
             return Lineage.empty(self.backbone.feature_dim).to(self.device)
         loaded = self.load_tasks(manifest, previous)
+        statistics, head_statistics = self.load_statistics(manifest)
         return Lineage(
             bank=loaded.bank,
             routers=CachedRouters(self.registry, manifest, self.site_dims, cache),
             classifier=loaded.classifier,
-            statistics=self.load_statistics(manifest),
+            statistics=statistics,
+            head_statistics=head_statistics,
+            head=loaded.head,
         )
 
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model.classifier import class_probabilities
 from model.network import CareModel
 from registry import Manifest
 from service.modelstore import CachedRouters, LoadedTasks, ModelStore, RouterCache, iter_labels
@@ -58,8 +57,7 @@ class ServedModel:
         if self.model is None or self.routers is None:
             raise RuntimeError("no classes have been learned yet")
         with torch.inference_mode():
-            logits = self.model.logits(images, self.routers)
-            return class_probabilities(logits, self.model.config.cosine_scale)
+            return self.model.predict_proba(images, self.routers)
 
     def top(self, probabilities: Tensor, top_k: int) -> list[list[Prediction]]:
         """The `top_k` classes of each row, best first."""
@@ -89,7 +87,7 @@ class SnapshotLoader:
         loaded = self.store.load_tasks(manifest, reuse)
         # Off the request path: the swap below must hand requests a model that is ready to serve.
         loaded.bank.prepare_fast_path()
-        model = CareModel(self.store.config, self.store.backbone, loaded.bank, loaded.classifier)
+        model = CareModel(self.store.config, self.store.backbone, loaded.bank, loaded.classifier, loaded.head)
         routers = CachedRouters(self.store.registry, manifest, self.store.site_dims, self.cache)
         pairs = list(iter_labels(manifest))
         return ServedModel(

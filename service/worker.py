@@ -196,7 +196,7 @@ class TrainingWorker:
             return self.store.load_lineage(None, self.cache)
         lineage = self.store.load_lineage(manifest, self.cache, previous=self._loaded)
         assert lineage.bank is not None
-        self._loaded = (manifest, LoadedTasks(lineage.bank, lineage.classifier))
+        self._loaded = (manifest, LoadedTasks(lineage.bank, lineage.classifier))  # the head is re-read per version
         return lineage
 
     def _check_running(self) -> None:

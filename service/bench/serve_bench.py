@@ -53,7 +53,7 @@ from torch import Tensor
 from model.adapter import TaskModules
 from model.alignment import ClassStatistics
 from model.backbone import SiteBackbone, make_transform
-from model.synthetic import random_task
+from model.synthetic import random_task, synthetic_head
 from model.trainer import LearnedTask
 from registry import Manifest, Registry
 from service.bench.model_bench import time_call
@@ -218,11 +218,12 @@ def task_mix(num_tasks: int, kind: str, seed: int) -> Mix:
 # Synthetic tasks
 
 
-def _learned(index: int, task: TaskModules, shared: Any, classifier: Tensor) -> LearnedTask:
+def _learned(index: int, task: TaskModules, shared: Any, classifier: Tensor, store: ModelStore) -> LearnedTask:
     """A LearnedTask with `classifier` (every class so far) and statistics of the right shape (never read)."""
     rows, dim = classifier.shape
     statistics_ = ClassStatistics(classifier, torch.ones(1, dim).expand(rows, dim), torch.ones(rows, dtype=torch.long))
-    return LearnedTask(index, task, shared, classifier, statistics_)
+    head = synthetic_head(store.config, classifier, store.backbone.site_dims)
+    return LearnedTask(index, task, shared, classifier, statistics_, head=head)
 
 
 class TaskSource:
@@ -256,7 +257,7 @@ class TaskSource:
         for index in range(start, upto):
             learned = self.keyed[index]
             if index == upto - 1:
-                learned = _learned(index, learned.task, learned.shared, self.classifier)
+                learned = _learned(index, learned.task, learned.shared, self.classifier, self.store)
             new.append(NewTask(learned, f"t-syn{index:06d}", [f"c{index}-{k}" for k in range(self.classes)]))
         self.manifest = self.store.publish(self.manifest, new)
         return self.manifest
@@ -272,7 +273,7 @@ class TaskSource:
                 task.perceptron(site).linear.bias.zero_()
         rows = torch.randn(self.classes, self.store.backbone.feature_dim, generator=self.generator)
         self.classifier = torch.cat([self.classifier, rows])
-        learned = _learned(index, task, None, self.classifier)
+        learned = _learned(index, task, None, self.classifier, self.store)
         new = NewTask(learned, f"t-hot{index:06d}", [f"h{index}-{k}" for k in range(self.classes)])
         self.manifest = self.store.publish(self.manifest, [new])
         return self.manifest

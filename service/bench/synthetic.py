@@ -16,25 +16,27 @@ from model.bank import ExpertBank
 from model.config import ModelConfig
 from model.moe import RoutingOptions, fast_moe
 from model.routers import ResidentRouters
-from model.synthetic import random_shared, random_task
+from model.synthetic import random_shared, random_task, synthetic_head
 from model.trainer import LearnedTask
 from registry import Manifest
 from service.modelstore import ModelStore, NewTask
 
 
 def _learned(
-    index: int, task: TaskModules, shared: nn.ModuleList | None, classifier: Tensor | None, dim: int
+    index: int, task: TaskModules, shared: nn.ModuleList | None, classifier: Tensor | None, store: ModelStore
 ) -> LearnedTask:
     """A LearnedTask carrying what `ModelStore.publish` reads: the classifier and statistics only where given.
 
     Publishing reads the classifier and trainer state of the last task of a version only, so the others carry
     empty ones: keeping a grown classifier per task would take memory quadratic in the number of tasks.
     """
+    dim = store.backbone.feature_dim
     weight = torch.empty(0, dim) if classifier is None else classifier
     statistics = ClassStatistics(
         weight, torch.ones(1, dim).expand(len(weight), dim), torch.ones(len(weight), dtype=torch.long)
     )
-    return LearnedTask(index, task, shared, weight, statistics)
+    head = synthetic_head(store.config, weight, store.backbone.site_dims) if classifier is not None else None
+    return LearnedTask(index, task, shared, weight, statistics, head=head)
 
 
 def key_images(count: int, image_size: int, seed: int = 0) -> torch.Tensor:
@@ -110,7 +112,7 @@ def keyed_learned_tasks(
     classifier = torch.randn(len(tasks) * classes, dim, generator=generator)
     last = len(tasks) - 1
     return [
-        _learned(i, task, shared if i == 0 else None, classifier if i == last else None, dim)
+        _learned(i, task, shared if i == 0 else None, classifier if i == last else None, store)
         for i, task in enumerate(tasks)
     ]
 
@@ -153,7 +155,7 @@ def populate(
         shared = random_shared(config, backbone.site_dims, generator) if index == 0 else None
         blocks.append(torch.randn(classes_per_task, dim, generator=generator))
         closing = len(pending) + 1 == chunk or index == start + num_tasks - 1
-        learned = _learned(index, task, shared, torch.cat(blocks) if closing else None, dim)
+        learned = _learned(index, task, shared, torch.cat(blocks) if closing else None, store)
         classes = [f"c{index}-{k}" for k in range(classes_per_task)]
         pending.append(NewTask(learned, f"t-syn{index:06d}", classes, name=f"synthetic {index}"))
         if closing:

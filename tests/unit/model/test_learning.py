@@ -40,7 +40,7 @@ def test_two_tasks_of_digits_are_both_learned() -> None:
         learned = learn_task(backbone, config, train, lineage, images[rows], labels, len(classes))
         lineage = advance(lineage, learned, backbone.site_dims, config)
 
-    model = CareModel(config, backbone, lineage.bank, lineage.classifier)  # type: ignore[arg-type]
+    model = CareModel(config, backbone, lineage.bank, lineage.classifier, lineage.head)  # type: ignore[arg-type]
     seen = [c for classes in TASKS for c in classes]
     for classes in TASKS:
         rows = torch.cat([test_rows[targets[test_rows] == c] for c in classes])
