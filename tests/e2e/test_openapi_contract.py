@@ -96,6 +96,7 @@ def run_schemathesis(url: str, config: str, workdir: Path, *extra: str) -> dict[
     argv += ["--generation-database", "none", "--no-color", "--request-timeout", "30", *extra]
     result = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=ST_TIMEOUT_S, check=False)
     output = result.stdout + result.stderr
+    (workdir / "schemathesis-output.txt").write_text(output)  # kept under pytest's basetemp for the record
     generated = re.search(r"(\d+) generated", output)
     operations = re.search(r"Tested: (\d+)", output)
     assert result.returncode == 0, f"schemathesis found failures (exit {result.returncode}):\n{output[-12000:]}"
