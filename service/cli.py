@@ -136,11 +136,11 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
         }.items()
         if value is not None
     }
-    train_changes = _train_options(preset.train, args.train_option or [])
+    train_changes = _train_options(preset.train_config(), args.train_option or [])
     if args.epochs is not None:
         train_changes["epochs"] = args.epochs
     if train_changes:
-        changes["train"] = dataclasses.replace(preset.train, **train_changes)
+        changes["train"] = dataclasses.replace(preset.train_config(), **train_changes)
     preset = dataclasses.replace(preset, **changes)  # type: ignore[arg-type]
     bar = tqdm(desc=f"{args.stream}", unit="task")
 
@@ -293,9 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     registry.add_argument("--out", default="docs/bench")
     registry.set_defaults(handler=_bench_registry)
 
-    accuracy = benches.add_parser("accuracy", help="CaRE against SimpleCIL and RanPAC on a class-incremental stream")
-    accuracy.add_argument("--stream", default="fmnist5", help="preset: fmnist5, glyphs100, glyphs300")
-    accuracy.add_argument("--methods", default="care,simplecil,ranpac", help="comma-separated; also care-m1")
+    accuracy = benches.add_parser(
+        "accuracy", help="the served classifier against CaRE, SimpleCIL and RanPAC on a class-incremental stream"
+    )
+    accuracy.add_argument(
+        "--stream", default="fmnist5", help="preset: fmnist5, fmnist10x1, glyphs100, glyphs300, glyphs40x1, tiny"
+    )
+    accuracy.add_argument(
+        "--methods",
+        default="served,care-reference,head-frozen,simplecil,ranpac",
+        help="comma-separated; also care-m1 (the served configuration with one router per site)",
+    )
     accuracy.add_argument("--image-size", type=int, help="override the preset's input resolution")
     accuracy.add_argument("--train-per-class", type=int, help="override the preset's training images per class")
     accuracy.add_argument("--test-per-class", type=int, help="override the preset's test images per class")

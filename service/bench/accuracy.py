@@ -1,9 +1,21 @@
-"""`care-serve bench accuracy`: CaRE against SimpleCIL and RanPAC on offline class-incremental streams.
+"""`care-serve bench accuracy`: the served classifier against CaRE, SimpleCIL and RanPAC on class-incremental streams.
 
 Every method sees the same frozen backbone and the same images. Each image goes through the backbone below the
-first BR-MoE site once (the expensive part); CaRE trains and predicts from that embedding with the very trainer the
-service uses (`learn_task_embedded`), and the baselines use the unadapted backbone's pooled feature computed from
-the same embedding. After every task each method is tested on the test images of every task seen so far.
+first BR-MoE site once (the expensive part); the CaRE methods train and predict from that embedding with the very
+trainer the service uses (`learn_task_embedded`), and the feature methods use the unadapted backbone's pooled
+feature (and site vectors) computed from the same embedding. After every task each method is tested on the test
+images of every task seen so far.
+
+Methods:
+
+* ``served``: exactly what the worker learns with default settings (`Settings().model()` and `.training()`, the
+  backbone's own input size): experts plus the analytic head. Its name is the JSON's ``served_method``.
+* ``care-reference``: CaRE as published: the cosine head aligned on Gaussian replay with the reference code's budget
+  (5 * batch samples per class and epoch, batches of 5 * batch, so C steps an epoch), no old-class negatives and
+  no minimum step count.
+* ``head-frozen``: the served analytic head on the frozen backbone's features, no experts (what the experts add).
+* ``simplecil``, ``ranpac``: the closed-form baselines on the frozen pooled feature.
+* ``care-m1``: the served configuration with a single router per site (M = 1), an ablation.
 """
 
 from __future__ import annotations
@@ -22,52 +34,85 @@ from torch import Tensor
 
 from model.backbone import WEIGHTS_BUNDLED, SiteBackbone, build_backbone, bundled_weights_available, make_transform
 from model.config import ModelConfig, TrainConfig
+from model.head import HeadStatistics, block_scales, head_inputs, solve_head
 from model.network import CareModel, run_sites
-from model.trainer import Lineage, advance, embed_images, learn_task_embedded
+from model.trainer import Lineage, advance, embed_images, head_block_dims, learn_task_embedded
 from service.bench.baselines import RanPAC, SimpleCIL
 from service.bench.datasets import Task, make_stream
 from service.bench.metrics import AccuracyMatrix, evaluate_stage
 from service.bench.report import write_json
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 128  # images per no-grad forward chunk
+SERVED = "served"
+
+
+def served_model_config() -> ModelConfig:
+    """The model configuration a server and worker run with default settings."""
+    return Settings().model()
+
+
+def served_train_config() -> TrainConfig:
+    """The training configuration the worker uses with default settings."""
+    return Settings().training()
+
+
+def reference_train_config(served: TrainConfig, num_classes: int) -> TrainConfig:
+    """CaRE as its code runs: alignment with 5 * batch samples per class in batches of 5 * batch (C steps an epoch),
+    full covariances where they fit (they take D * D floats a class), no old-class negatives, bare epochs."""
+    replay = 5 * served.batch_size
+    return dataclasses.replace(
+        served,
+        align_epochs=max(served.align_epochs, 5),
+        align_samples_per_class=replay,
+        align_batch_size=replay,
+        covariance="full" if num_classes <= 100 else "diagonal",
+        old_class_negatives=False,
+        min_steps=0,
+    )
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A stream and the budget to run it in (see docs/benchmarks.md for what each preset costs)."""
+    """A stream and its size. The model and training configuration are the served defaults unless overridden.
+
+    Streams are sized so that the served configuration (224 px for EfficientNet-Lite0) finishes in tens of minutes
+    on a 2-core machine; see docs/benchmarks.md for what each one costs.
+    """
 
     stream: str
-    backbone: str = "efficientnet_lite0"
-    image_size: int = 96
+    backbone: str | None = None  # None: the served backbone
+    image_size: int | None = None  # None: the served input size
     train_per_class: int | None = None
     test_per_class: int | None = None
     num_tasks: int | None = None
-    train: TrainConfig = field(default_factory=TrainConfig)
+    classes_per_task: int | None = None
+    train: TrainConfig | None = None  # None: the served training configuration
     ranpac_dim: int = 2048
-    sites: tuple[str, ...] = ()
     seed: int = 0
+
+    def model_config(self) -> ModelConfig:
+        config = served_model_config()
+        if self.backbone is not None:
+            config = dataclasses.replace(config, backbone=self.backbone, sites=())
+        return config if self.image_size is None else dataclasses.replace(config, image_size=self.image_size)
+
+    def train_config(self) -> TrainConfig:
+        return self.train if self.train is not None else served_train_config()
 
 
 PRESETS: dict[str, Preset] = {
-    "fmnist5": Preset(
-        "fmnist5", image_size=96, train_per_class=300, test_per_class=200,
-        train=TrainConfig(
-            epochs=10, batch_size=32, covariance="full", align_epochs=5, align_samples_per_class=128
-        ),
-    ),
-    "glyphs100": Preset(
-        "glyphs100", image_size=64, train_per_class=20, test_per_class=10,
-        train=TrainConfig(epochs=6, batch_size=32, align_epochs=2, align_samples_per_class=16, align_batch_size=256),
-    ),
-    # 334 tasks: 10 training and 2 test images per class keep the run near 66 minutes here; evaluation after every
-    # one of the 334 stages over all classes seen so far dominates otherwise.
-    "glyphs300": Preset(
-        "glyphs300", image_size=64, train_per_class=10, test_per_class=2,
-        train=TrainConfig(epochs=6, batch_size=30, align_epochs=1, align_samples_per_class=16, align_batch_size=256),
-    ),
-}  # fmt: skip
+    "fmnist5": Preset("fmnist5", train_per_class=100, test_per_class=100),
+    # One class per task: the common case of a user adding one class per upload.
+    "fmnist10x1": Preset("fmnist5", train_per_class=60, test_per_class=60, num_tasks=10, classes_per_task=1),
+    # At 224 px the full glyph streams (1000 classes) do not fit a session here: their first tasks, fewer images.
+    "glyphs100": Preset("glyphs100", train_per_class=6, test_per_class=3, num_tasks=15),
+    "glyphs300": Preset("glyphs300", train_per_class=6, test_per_class=3, num_tasks=40),
+    "glyphs40x1": Preset("glyphs300", train_per_class=8, test_per_class=4, num_tasks=40, classes_per_task=1),
+    "tiny": Preset("glyphs-tiny", image_size=64),
+}
 
 
 @dataclass
@@ -76,6 +121,7 @@ class TaskData:
 
     embedded: Tensor  # backbone output below the first site (CaRE)
     features: Tensor  # (N, D) unadapted pooled features (baselines)
+    head_inputs: Tensor  # (N, D') the analytic head's inputs from the unadapted backbone (head-frozen)
     labels: Tensor  # (N,) global class indices
 
 
@@ -117,6 +163,41 @@ class FeatureMethod:
         return {}
 
 
+class FrozenHeadMethod:
+    """The served analytic head on the frozen backbone's features: the served classifier without experts."""
+
+    def __init__(self, name: str, block_dims: list[int], train: TrainConfig) -> None:
+        self.name = name
+        self.block_dims = block_dims
+        self.train = train
+        self.statistics: HeadStatistics | None = None
+        self.head: Any = None
+
+    def learn(self, data: TaskData, num_classes: int) -> None:
+        inputs = data.head_inputs
+        previous = 1.0
+        if self.head is None:
+            scale = block_scales(inputs, self.block_dims)
+            self.statistics = HeadStatistics.empty(inputs.shape[1])
+        else:
+            scale, previous = self.head.scale, self.head.temperature
+        assert self.statistics is not None
+        offset = self.statistics.num_classes
+        self.statistics = self.statistics.add(inputs * scale, data.labels - offset, num_classes)
+        self.head = solve_head(self.statistics, scale, self.train.ridge_ratio, (inputs, data.labels), previous)
+
+    def predict(self, data: TaskData) -> Tensor:
+        return torch.cat([self.head.scores(c).argmax(dim=1) for c in data.head_inputs.split(CHUNK)])
+
+    def state_bytes(self) -> int:
+        assert self.statistics is not None
+        tensors = [*self.statistics.to_tensors().values(), *self.head.to_tensors().values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def details(self) -> dict[str, Any]:
+        return {}
+
+
 class CareMethod:
     """CaRE through the service's own trainer; routers stay in memory."""
 
@@ -138,7 +219,7 @@ class CareMethod:
 
     def predict(self, data: TaskData) -> Tensor:
         assert self.lineage.bank is not None
-        model = CareModel(self.config, self.backbone, self.lineage.bank, self.lineage.classifier)
+        model = CareModel(self.config, self.backbone, self.lineage.bank, self.lineage.classifier, self.lineage.head)
         return torch.cat(
             [
                 model.logits_from_embedding(data.embedded[i : i + CHUNK], self.lineage.routers).argmax(dim=1)
@@ -151,6 +232,9 @@ class CareMethod:
         total = lineage.classifier.numel() * 4
         if lineage.statistics is not None:
             total += sum(t.numel() * t.element_size() for t in lineage.statistics.to_tensors().values())
+        if lineage.head_statistics is not None and lineage.head is not None:
+            for tensors in (lineage.head_statistics.to_tensors(), lineage.head.to_tensors()):
+                total += sum(t.numel() * t.element_size() for t in tensors.values())
         if lineage.bank is not None:
             for site in lineage.bank.sites:
                 for stack in (site.experts, site.shared):
@@ -223,36 +307,49 @@ def _no_adapter(_site: int) -> Callable[[Tensor, Tensor], Tensor]:
 class _Encoder:
     """Preprocess, embed below the first site once, and derive the unadapted pooled feature from that embedding."""
 
-    def __init__(self, backbone: SiteBackbone, image_size: int) -> None:
+    def __init__(self, backbone: SiteBackbone, image_size: int | None) -> None:
         self.backbone = backbone
         self.transform = make_transform(backbone, image_size)
 
     def __call__(self, images: Sequence[Any], labels: Tensor) -> TaskData:
-        embedded, features = [], []
+        embedded, features, inputs = [], [], []
         # no_grad, not inference_mode: CaRE trains on these embeddings, and autograd refuses inference tensors.
         with torch.no_grad():
             for start in range(0, len(images), CHUNK):
                 batch = torch.stack([self.transform(image) for image in images[start : start + CHUNK]])
                 hidden = embed_images(self.backbone, batch)
                 embedded.append(hidden)
-                features.append(run_sites(self.backbone, hidden, _no_adapter))
-        return TaskData(torch.cat(embedded), torch.cat(features), labels)
+                vectors: list[Tensor] = []
+                features.append(run_sites(self.backbone, hidden, _no_adapter, vectors))
+                inputs.append(head_inputs(features[-1], vectors))
+        return TaskData(torch.cat(embedded), torch.cat(features), torch.cat(inputs), labels)
 
 
-def build_methods(names: Sequence[str], preset: Preset, backbone: SiteBackbone, config: ModelConfig) -> list[Method]:
+METHOD_NAMES = (SERVED, "care-reference", "head-frozen", "simplecil", "ranpac", "care-m1")
+
+
+def build_methods(
+    names: Sequence[str], preset: Preset, backbone: SiteBackbone, config: ModelConfig, num_classes: int
+) -> list[Method]:
+    train = preset.train_config()
     methods: list[Method] = []
     for name in names:
         if name == "simplecil":
             methods.append(FeatureMethod(name, SimpleCIL()))
         elif name == "ranpac":
             methods.append(FeatureMethod(name, RanPAC(preset.ranpac_dim, seed=preset.seed)))
-        elif name == "care":
-            methods.append(CareMethod(name, backbone, config, preset.train))
+        elif name == SERVED:
+            methods.append(CareMethod(name, backbone, config, train))
+        elif name == "care-reference":
+            reference = dataclasses.replace(config, head="cosine")
+            methods.append(CareMethod(name, backbone, reference, reference_train_config(train, num_classes)))
+        elif name == "head-frozen":
+            methods.append(FrozenHeadMethod(name, head_block_dims(backbone), train))
         elif name == "care-m1":
             # Ablation: a single router per site (M = 1) instead of CaRE's two.
-            methods.append(CareMethod(name, backbone, dataclasses.replace(config, top_routers=1), preset.train))
+            methods.append(CareMethod(name, backbone, dataclasses.replace(config, top_routers=1), train))
         else:
-            raise ValueError(f"unknown method {name!r}; choose from care, care-m1, simplecil, ranpac")
+            raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
     return methods
 
 
@@ -269,18 +366,19 @@ def run(
     long stream (glyphs300 is an hour here) that is stopped part-way still leaves its curves behind.
     """
     started = time.perf_counter()
+    options = {"num_tasks": preset.num_tasks, "classes_per_task": preset.classes_per_task}
     stream = make_stream(
         preset.stream,
         seed=preset.seed,
         train_per_class=preset.train_per_class,
         test_per_class=preset.test_per_class,
-        **({"num_tasks": preset.num_tasks} if preset.num_tasks else {}),
+        **{key: value for key, value in options.items() if value},
     )
-    config = ModelConfig(backbone=preset.backbone, sites=preset.sites, image_size=preset.image_size)
-    weights = WEIGHTS_BUNDLED if bundled_weights_available(preset.backbone) else "random"
+    config = preset.model_config()
+    weights = WEIGHTS_BUNDLED if bundled_weights_available(config.backbone) else "random"
     backbone = build_backbone(config, weights)
-    encode = _Encoder(backbone, preset.image_size)
-    methods = build_methods(method_names, preset, backbone, config)
+    encode = _Encoder(backbone, config.image_size)
+    methods = build_methods(method_names, preset, backbone, config, len(stream.classes))
     results = {m.name: MethodResult(m.name) for m in methods}
     tests: list[TaskData] = []
     encode_seconds = 0.0
@@ -291,7 +389,9 @@ def run(
             results[method.name].state_bytes = method.state_bytes()
             results[method.name].details = method.details()
         return {
-            "preset": {**dataclasses.asdict(preset), "train": dataclasses.asdict(preset.train)},
+            "served_method": SERVED,
+            "preset": {**dataclasses.asdict(preset), "train": dataclasses.asdict(preset.train_config())},
+            "model_config": config.to_dict(),
             "stream": {"name": preset.stream, "tasks": len(stream.tasks), "classes": len(stream.classes)},
             "complete": done == len(stream.tasks),
             "tasks_done": done,

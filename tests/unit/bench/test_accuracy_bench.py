@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from model.config import TrainConfig
-from service.bench.accuracy import PRESETS, Preset, markdown_table, run, write_report
+from service.bench.accuracy import METHOD_NAMES, PRESETS, Preset, markdown_table, run, write_report
 from service.cli import _train_options, build_parser
 
 
@@ -21,14 +21,14 @@ def test_accuracy_bench_runs_every_method_on_a_tiny_stream(tmp_path: Path) -> No
         train_per_class=8,
         test_per_class=4,
         num_tasks=2,
-        train=TrainConfig(epochs=1, batch_size=8, align_epochs=1, align_samples_per_class=4),
+        train=TrainConfig(epochs=1, batch_size=8, align_epochs=1, align_samples_per_class=4, min_steps=2),
         ranpac_dim=64,
     )
     progress: list[int] = []
     checkpoints: list[dict[str, Any]] = []
     result = run(
         preset,
-        ["care", "care-m1", "simplecil", "ranpac"],
+        list(METHOD_NAMES),
         lambda done, total, _: progress.append(done),
         checkpoints.append,
         checkpoint_every=1,
@@ -46,8 +46,13 @@ def test_accuracy_bench_runs_every_method_on_a_tiny_stream(tmp_path: Path) -> No
         summary = method["accuracy"]["summary"]
         assert summary["last_accuracy"] == stages[-1]["overall"], name
         assert method["learn_seconds"] >= 0 and method["peak_rss_bytes"] > 0, name  # SimpleCIL rounds to 0.0 s
-    assert result["methods"]["care"]["learn_seconds"] > 0
-    assert len(result["methods"]["care"]["task_train_seconds"]) == 2
+    assert result["served_method"] == "served" and result["model_config"]["head"] == "analytic"
+    assert set(result["methods"]) == set(METHOD_NAMES)
+    for care in ("served", "care-reference", "care-m1"):
+        assert result["methods"][care]["learn_seconds"] > 0
+        assert len(result["methods"][care]["task_train_seconds"]) == 2
+    # The frozen head keeps its statistics: a D' x D' Gram matrix of float64 (test_vit: phi and every block, 64 each).
+    assert result["methods"]["head-frozen"]["state_bytes"] >= 8 * (2 * 64) ** 2
     assert len(result["methods"]["ranpac"]["selected_ridges"]) == 2
     # Nearest-prototype on the classes it has seen: at least the first task's own test images are not all wrong.
     assert result["methods"]["simplecil"]["accuracy"]["stages"][0]["overall"] > 0.5
@@ -55,13 +60,13 @@ def test_accuracy_bench_runs_every_method_on_a_tiny_stream(tmp_path: Path) -> No
     path = write_report(result, tmp_path, {"command": "test"})
     assert json.loads(path.read_text())["meta"] == {"command": "test"}
     assert (tmp_path / "accuracy_digits5.png").stat().st_size > 0
-    assert markdown_table(result).count("\n") == 1 + 4
+    assert markdown_table(result).count("\n") == 1 + len(METHOD_NAMES)
     partial = write_report(checkpoints[0], tmp_path / "partial", {"command": "test"})
     assert json.loads(partial.read_text())["complete"] is False and partial.with_suffix(".png").stat().st_size > 0
 
 
 def test_train_options_parse_as_the_field_types() -> None:
-    train = PRESETS["fmnist5"].train
+    train = PRESETS["fmnist5"].train_config()
     assert _train_options(train, ["covariance=diagonal", "align_epochs=10", "lr=0.005"]) == {
         "covariance": "diagonal",
         "align_epochs": 10,
@@ -71,3 +76,13 @@ def test_train_options_parse_as_the_field_types() -> None:
         _train_options(train, ["no_such_field=1"])
     args = build_parser().parse_args(["bench", "accuracy", "--train-option", "covariance=diagonal"])
     assert args.train_option == ["covariance=diagonal"]
+
+
+def test_presets_run_what_the_worker_serves_by_default() -> None:
+    from service.settings import Settings
+
+    for preset in PRESETS.values():
+        if preset.stream == "glyphs-tiny":
+            continue
+        assert preset.model_config() == Settings().model()
+        assert preset.train_config() == Settings().training()

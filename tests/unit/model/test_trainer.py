@@ -13,7 +13,7 @@ from model.backbone import SiteBackbone
 from model.config import ModelConfig, TrainConfig
 from model.trainer import LearnedTask, Lineage, TrainProgress, _TaskTrainer, advance, learn_task
 
-FAST = TrainConfig(epochs=2, batch_size=8, align_epochs=1, align_samples_per_class=8)
+FAST = TrainConfig(epochs=2, batch_size=8, align_epochs=1, align_samples_per_class=8, min_steps=0)
 
 
 def data(count: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +54,7 @@ def test_progress_reports_every_step_of_both_stages(vit_config: ModelConfig, vit
         vit_config,
     )
     reports: list[TrainProgress] = []
-    train = TrainConfig(epochs=4, batch_size=8, align_epochs=1, align_samples_per_class=8)
+    train = TrainConfig(epochs=4, batch_size=8, align_epochs=1, align_samples_per_class=8, min_steps=0)
     images, labels = data(20, 2, 1)
     learn_task(vit_backbone, vit_config, train, lineage, images, labels, 2, reports.append)
     adapt = [r for r in reports if r.stage == "adapt"]
