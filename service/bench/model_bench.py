@@ -1,7 +1,9 @@
 """`care-serve bench model`: forward time per batch of the fast path, the reference path and the backbone alone.
 
-Random task weights (routers resident in memory) at several task counts; the three paths are timed side by side,
-interleaved within each repeat so that machine noise hits them alike, and medians are reported.
+Random task weights (routers resident in memory) at several task counts; the paths are timed side by side,
+interleaved within each repeat so that machine noise hits them alike, and medians are reported. "served" is what a
+request costs with the default analytic head (the fast path, the site vectors and the head over 3 classes a task);
+"head" is the head alone on its inputs.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import torch
 from model import artifacts
 from model.backbone import SiteBackbone, build_backbone, bundled_weights_available
 from model.config import ModelConfig
+from model.head import AnalyticHead
 from model.network import CareModel
 from model.routers import ResidentRouters
 from model.synthetic import random_shared, random_task
+from model.trainer import head_block_dims
 from service.bench.report import write_json
 
 logger = logging.getLogger(__name__)
@@ -36,6 +40,9 @@ class ModelBenchRow:
     fast_s: float
     reference_s: float | None
     paired_ratio: float  # median over repeats of fast / backbone timed back to back
+    served_s: float = 0.0  # fast path + the analytic head, as /predict runs it
+    head_s: float = 0.0  # the analytic head alone on its inputs
+    classes: int = 0
 
     @property
     def fast_over_backbone(self) -> float:
@@ -55,8 +62,13 @@ def random_model(
         experts.append((artifacts.task_expert_tensors(task), 3))
         routers.append(artifacts.routers_from_tensors(artifacts.task_router_tensors(task), index, dims, "random"))
     bank = artifacts.stack_tasks(shared, experts, config, dims)
-    classifier = torch.randn(3 * num_tasks, backbone.feature_dim, generator=generator)
-    return CareModel(config, backbone, bank, classifier), ResidentRouters(routers)
+    classes = 3 * num_tasks
+    classifier = torch.randn(classes, backbone.feature_dim, generator=generator)
+    width = sum(head_block_dims(backbone))
+    head = AnalyticHead(
+        torch.ones(width), torch.randn(width, classes, generator=generator) / width**0.5, torch.zeros(classes), 1.0
+    )
+    return CareModel(config, backbone, bank, classifier, head), ResidentRouters(routers)
 
 
 def time_call(fn: Callable[[], object]) -> float:
@@ -87,12 +99,17 @@ def bench_backbone(
             for _ in range(3):  # warm-up: allocator, kernels, caches
                 backbone.forward_plain(images)
                 model.forward_features(images, routers, "fast")
-            times: dict[str, list[float]] = {"backbone": [], "fast": [], "reference": []}
+            times: dict[str, list[float]] = {"backbone": [], "fast": [], "reference": [], "served": [], "head": []}
+            inputs = model.head_inputs_from_embedding(backbone.embed(images), routers)
+            assert model.head is not None
+            head = model.head
             # Backbone and fast path alternate, so that drifts of the machine (frequency, other load) hit both alike;
             # the reference path runs afterwards because its large temporaries disturb the caches of the others.
             for _ in range(repeats):
                 times["backbone"].append(time_call(lambda: backbone.forward_plain(images)))
                 times["fast"].append(time_call(lambda m=model, r=routers: m.forward_features(images, r, "fast")))  # type: ignore[misc]
+                times["served"].append(time_call(lambda m=model, r=routers: m.predict_proba(images, r)))  # type: ignore[misc]
+                times["head"].append(time_call(lambda h=head, z=inputs: h.probabilities(z)))  # type: ignore[misc]
             if run_reference:
                 for _ in range(max(1, repeats // 3)):
                     times["reference"].append(
@@ -108,10 +125,14 @@ def bench_backbone(
             fast_s=statistics.median(times["fast"]),
             reference_s=statistics.median(times["reference"]) if run_reference else None,
             paired_ratio=statistics.median(ratios),
+            served_s=statistics.median(times["served"]),
+            head_s=statistics.median(times["head"]),
+            classes=model.num_classes,
         )
         progress(
             f"{name} T={count}: backbone {row.backbone_s * 1e3:.1f} ms, fast {row.fast_s * 1e3:.1f} ms "
-            f"(paired {row.fast_over_backbone:.2f}x), reference "
+            f"(paired {row.fast_over_backbone:.2f}x), served {row.served_s * 1e3:.1f} ms, "
+            f"head {row.head_s * 1e3:.2f} ms over {row.classes} classes, reference "
             + (f"{row.reference_s * 1e3:.1f} ms" if row.reference_s is not None else "skipped")
         )
         rows.append(row)
@@ -151,15 +172,16 @@ def write_report(rows: list[ModelBenchRow], out_dir: Path, meta: dict[str, objec
 
 def markdown_table(rows: list[ModelBenchRow]) -> str:
     lines = [
-        "| backbone | tasks | batch | backbone alone (ms) | fast (ms) | fast / backbone (paired) | reference (ms) "
-        "| reference / fast |",
-        "|---|---|---|---|---|---|---|---|",
+        "| backbone | tasks | classes | batch | backbone alone (ms) | fast (ms) | fast / backbone (paired) "
+        "| served with head (ms) | head alone (ms) | head / fast | reference (ms) | reference / fast |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         reference = f"{r.reference_s * 1e3:.1f}" if r.reference_s is not None else "-"
         ratio = f"{r.reference_s / r.fast_s:.1f}x" if r.reference_s is not None else "-"
         lines.append(
-            f"| {r.backbone} | {r.tasks} | {r.batch} | {r.backbone_s * 1e3:.1f} | {r.fast_s * 1e3:.1f} | "
-            f"{r.fast_over_backbone:.2f}x | {reference} | {ratio} |"
+            f"| {r.backbone} | {r.tasks} | {r.classes} | {r.batch} | {r.backbone_s * 1e3:.1f} | {r.fast_s * 1e3:.1f} | "
+            f"{r.fast_over_backbone:.2f}x | {r.served_s * 1e3:.1f} | {r.head_s * 1e3:.2f} | "
+            f"{r.head_s / r.fast_s * 100:.1f} % | {reference} | {ratio} |"
         )
     return "\n".join(lines)

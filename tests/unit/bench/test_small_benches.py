@@ -18,6 +18,7 @@ def test_model_bench_times_every_path_for_each_task_count(tmp_path: Path) -> Non
     assert report["meta"]["machine"] and [row["tasks"] for row in report["rows"]] == [1, 2]
     for row in report["rows"]:
         assert row["backbone_s"] > 0 and row["fast_s"] > 0 and row["reference_s"] > 0, row
+        assert row["served_s"] > 0 and 0 < row["head_s"] < row["served_s"] and row["classes"] == 3 * row["tasks"], row
     assert (tmp_path / "model_bench.png").stat().st_size > 0
 
 
