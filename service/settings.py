@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.backbone import WEIGHTS_BUNDLED, WEIGHTS_HUB, bundled_weights_available
-from model.config import DEFAULT_BACKBONE, CovarianceMode, ModelConfig, TrainConfig
+from model.config import DEFAULT_BACKBONE, CovarianceMode, HeadKind, ModelConfig, TrainConfig
 
 MIB = 1 << 20
 
@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     shared_dim: int = Field(64, ge=1)
     top_routers: int = Field(2, ge=1, description="M: routers selected per site.")
     top_experts: int = Field(3, ge=1, description="K: experts per selected router.")
+    head: HeadKind = Field(
+        ModelConfig.head,
+        description="The served head: 'analytic' (closed-form LDA, the default) or 'cosine' (CaRE's, aligned).",
+    )
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where the model runs.")
 
     # Router cache
@@ -74,6 +78,7 @@ class Settings(BaseSettings):
     align_epochs: int = Field(5, ge=0)
     covariance: CovarianceMode = Field("diagonal", description="Class statistics: 'diagonal' or 'full'.")
     train_seed: int = 1993
+    train_min_steps: int = Field(TrainConfig.min_steps, ge=0, description="Fewest optimiser steps a task trains.")
     worker_lease_ttl_s: float = Field(30.0, gt=0, description="A dead worker's lease expires after this.")
     worker_poll_s: float = Field(0.5, gt=0, description="How often an idle worker looks for queued tasks.")
 
@@ -171,6 +176,7 @@ class Settings(BaseSettings):
             top_routers=self.top_routers,
             top_experts=self.top_experts,
             image_size=self.image_size,
+            head=self.head,
         )
 
     def training(self) -> TrainConfig:
@@ -181,6 +187,7 @@ class Settings(BaseSettings):
             align_epochs=self.align_epochs,
             covariance=self.covariance,
             seed=self.train_seed,
+            min_steps=self.train_min_steps,
         )
 
     def environment(self) -> dict[str, str]:
