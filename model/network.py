@@ -58,7 +58,8 @@ class CareModel:
         backbone: The frozen, site-cut backbone.
         bank: Experts, perceptrons and E_bar of the learned tasks, on the backbone's device.
         classifier: (C, D) cosine classifier weights of all learned classes, task blocks in task order.
-        head: The analytic head over the same classes; when given it is what `logits` and `predict_proba` use.
+        head: The analytic head over the same classes, possibly followed by head-only classes (provisional classes
+            that have no experts yet); when given it is what `logits` and `predict_proba` use.
     """
 
     def __init__(
@@ -73,7 +74,9 @@ class CareModel:
             raise ValueError(f"bank has {len(bank.sites)} sites, backbone {backbone.num_sites}")
         if classifier.shape[0] != sum(bank.num_classes):
             raise ValueError(f"classifier has {classifier.shape[0]} classes, tasks {sum(bank.num_classes)}")
-        if head is not None and head.num_classes != classifier.shape[0]:
+        # A head may cover classes beyond the bank's (head-only, provisional classes: they come last and change
+        # no routing); the cosine classifier covers exactly the bank's.
+        if head is not None and head.num_classes < classifier.shape[0]:
             raise ValueError(f"head has {head.num_classes} classes, classifier {classifier.shape[0]}")
         self.config = config
         self.backbone = backbone
@@ -87,7 +90,8 @@ class CareModel:
 
     @property
     def num_classes(self) -> int:
-        return int(self.classifier.shape[0])
+        """Classes the served head scores: the bank's, plus any head-only classes of the analytic head."""
+        return int(self.classifier.shape[0]) if self.head is None else self.head.num_classes
 
     def _site_fn(self, routers: RouterSource, path: InferencePath, options: RoutingOptions) -> Callable[[int], SiteFn]:
         def for_site(site: int) -> SiteFn:
