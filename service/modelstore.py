@@ -8,6 +8,14 @@
     versions/{first:06d}/shared.safetensors           E_bar, written with version 1 and reused
     versions/{version:06d}/classifier.safetensors     the cosine classifier as of this version
     trainer/{version:06d}.safetensors                 per-class statistics (trainer only)
+
+Provisional (head-only) tasks: a version may serve classes that have no experts yet. They are listed in
+`manifest.extra["provisional"]` (task id, name, classes; in head order, after every class of `manifest.tasks`),
+the classifier file's analytic head covers them (the cosine classifier does not), and the version's trainer state
+holds, under `provisional.*`, the statistics that head was solved from (trained classes plus provisional ones).
+The trained head statistics over `manifest.tasks` (`head.*`) are in the trainer state of the version named by
+`manifest.extra["head_state_version"]` (this version when absent), so a provisional version does not copy them.
+`manifest.tasks` only ever lists trained tasks: routing, experts and routers are untouched by provisional ones.
 """
 
 from __future__ import annotations
@@ -40,6 +48,73 @@ ROLE_SHARED = "shared"
 ROLE_CLASSIFIER = "classifier"
 
 RouterCache = TieredLRUCache[str, TaskRouters]
+
+EXTRA_PROVISIONAL = "provisional"  # manifest.extra: the head-only tasks, in head order after the trained ones
+EXTRA_HEAD_STATE = "head_state_version"  # manifest.extra: the version whose trainer state has the trained head.*
+STATE_PROVISIONAL = "provisional"  # trainer-state prefix of the statistics a head with provisional classes came from
+
+
+@dataclass(frozen=True)
+class ProvisionalTask:
+    """A task whose classes are served by the head alone, before its experts are trained."""
+
+    task_id: str
+    name: str | None
+    classes: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "name": self.name, "classes": list(self.classes)}
+
+
+def provisional_tasks(manifest: Manifest | None) -> list[ProvisionalTask]:
+    """The provisional tasks of a version, in head order (after every trained class)."""
+    if manifest is None:
+        return []
+    raw = manifest.extra.get(EXTRA_PROVISIONAL) or []
+    if not isinstance(raw, list):
+        raise ValueError(f"version {manifest.version}: extra.{EXTRA_PROVISIONAL} is not a list")
+    tasks = []
+    for entry in raw:
+        classes = entry.get("classes") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not isinstance(classes, list):
+            raise ValueError(f"version {manifest.version}: malformed provisional task {entry!r}")
+        name = entry.get("name")
+        tasks.append(
+            ProvisionalTask(
+                str(entry["task_id"]), None if name is None else str(name), tuple(str(label) for label in classes)
+            )
+        )
+    return tasks
+
+
+def head_state_version(manifest: Manifest) -> int:
+    """The version whose trainer state holds the trained head statistics of `manifest`'s tasks."""
+    value = manifest.extra.get(EXTRA_HEAD_STATE, manifest.version)
+    if not isinstance(value, int) or not 1 <= value <= manifest.version:
+        raise ValueError(f"version {manifest.version}: bad extra.{EXTRA_HEAD_STATE} {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ProvisionalHead:
+    """Head-only classes on top of a version's trained tasks.
+
+    Attributes:
+        tasks: The provisional tasks, in head order.
+        head: The analytic head over every trained class and then every provisional one.
+        statistics: What `head` was solved from (trained classes' statistics plus the provisional ones).
+    """
+
+    tasks: Sequence[ProvisionalTask]
+    head: AnalyticHead
+    statistics: HeadStatistics
+
+
+def _provisional_state(provisional: ProvisionalHead) -> dict[str, Tensor]:
+    return {
+        f"{STATE_PROVISIONAL}.{key}": value.detach().cpu().contiguous()
+        for key, value in provisional.statistics.to_tensors().items()
+    }
 
 
 def normal_tensors() -> AbstractContextManager[None]:
@@ -160,12 +235,19 @@ class ModelStore:
         return artifacts.metadata(self.config, kind, self.site_dims, **extra)
 
     def publish(
-        self, parent: Manifest | None, new_tasks: Sequence[NewTask], extra: Mapping[str, Any] | None = None
+        self,
+        parent: Manifest | None,
+        new_tasks: Sequence[NewTask],
+        extra: Mapping[str, Any] | None = None,
+        provisional: ProvisionalHead | None = None,
     ) -> Manifest:
         """Publish the version that adds `new_tasks` (in order) on top of `parent` (None before the first task).
 
         The service publishes one task per version; benchmarks publish many at once. The classifier and the
-        trainer state are the last task's (they cover every class).
+        trainer state are the last task's (they cover every class). With `provisional` (and tasks in it), the
+        served head is its head, over the trained classes and then the provisional ones, and the version lists
+        them; the trainer state keeps the trained statistics besides it. Provisional tasks of `parent` that are
+        not in `provisional` are not carried over.
         """
         if not new_tasks:
             raise ValueError("nothing to publish")
@@ -174,7 +256,9 @@ class ModelStore:
         classifier_path = version_file_path(version, ROLE_CLASSIFIER)
         new_files: dict[str, tuple[Mapping[str, Tensor], Mapping[str, str]]] = {
             classifier_path: (
-                artifacts.classifier_tensors(last.classifier, last.head),
+                artifacts.classifier_tensors(
+                    last.classifier, provisional.head if provisional is not None and provisional.tasks else last.head
+                ),
                 self._metadata(artifacts.KIND_CLASSIFIER, num_classes=int(last.classifier.shape[0])),
             )
         }
@@ -210,6 +294,14 @@ class ModelStore:
                     files={ROLE_EXPERTS: experts_path, ROLE_ROUTERS: routers_path},
                 )
             )
+        trainer_state = artifacts.trainer_state_tensors(
+            None if last.statistics is None else last.statistics.to_tensors(),
+            None if last.head_statistics is None else last.head_statistics.to_tensors(),
+        )
+        extra = dict(extra or {})
+        if provisional is not None and provisional.tasks:
+            trainer_state.update(_provisional_state(provisional))
+            extra[EXTRA_PROVISIONAL] = [task.to_json() for task in provisional.tasks]
         return self.registry.publish(
             parent=None if parent is None else parent.version,
             backbone=self.config.backbone,
@@ -217,11 +309,39 @@ class ModelStore:
             tasks=tasks,
             new_files=new_files,
             version_files={ROLE_SHARED: shared_path, ROLE_CLASSIFIER: classifier_path},
-            trainer_state=artifacts.trainer_state_tensors(
-                None if last.statistics is None else last.statistics.to_tensors(),
-                None if last.head_statistics is None else last.head_statistics.to_tensors(),
-            ),
-            extra=dict(extra or {}),
+            trainer_state=trainer_state,
+            extra=extra,
+        )
+
+    def publish_provisional(
+        self, parent: Manifest, classifier: Tensor, provisional: ProvisionalHead, extra: Mapping[str, Any] | None = None
+    ) -> Manifest:
+        """Publish `parent`'s trained tasks with another set of provisional tasks (added, or some withdrawn).
+
+        Only a classifier file (the parent's cosine classifier `classifier`, the new head) and the provisional
+        statistics are written; the task files, the shared expert and the trained statistics are the parent's.
+        Same crash safety and compare-and-swap on `parent` as every publish.
+        """
+        version = parent.version + 1
+        classifier_path = version_file_path(version, ROLE_CLASSIFIER)
+        new_files: dict[str, tuple[Mapping[str, Tensor], Mapping[str, str]]] = {
+            classifier_path: (
+                artifacts.classifier_tensors(classifier, provisional.head),
+                self._metadata(artifacts.KIND_CLASSIFIER, num_classes=int(classifier.shape[0])),
+            )
+        }
+        record = dict(extra or {})
+        record[EXTRA_HEAD_STATE] = head_state_version(parent)
+        record[EXTRA_PROVISIONAL] = [task.to_json() for task in provisional.tasks]
+        return self.registry.publish(
+            parent=parent.version,
+            backbone=self.config.backbone,
+            model_config=self.config.to_dict(),
+            tasks=list(parent.tasks),
+            new_files=new_files,
+            version_files={ROLE_SHARED: parent.version_files[ROLE_SHARED], ROLE_CLASSIFIER: classifier_path},
+            trainer_state=_provisional_state(provisional) if provisional.tasks else None,
+            extra=record,
         )
 
     def _read(self, path: str, kind: str) -> dict[str, Tensor]:
@@ -239,11 +359,12 @@ class ModelStore:
         self.registry.verify(manifest)
         classifier_path = manifest.version_files[ROLE_CLASSIFIER]
         num_classes = sum(len(t.classes) for t in manifest.tasks)
+        head_classes = num_classes + sum(len(t.classes) for t in provisional_tasks(manifest))
         classifier_tensors = self._read(classifier_path, artifacts.KIND_CLASSIFIER)
         classifier = artifacts.classifier_from_tensors(
             classifier_tensors, num_classes, self.backbone.feature_dim, classifier_path
         ).to(self.device)
-        head = artifacts.head_from_tensors(classifier_tensors, self.config, num_classes, classifier_path)
+        head = artifacts.head_from_tensors(classifier_tensors, self.config, head_classes, classifier_path)
         if head is not None:
             head = head.to(self.device)
         start, bank = 0, None
@@ -267,13 +388,29 @@ class ModelStore:
         return LoadedTasks(bank, classifier, head)
 
     def load_statistics(self, manifest: Manifest) -> tuple[ClassStatistics | None, HeadStatistics | None]:
-        """The trainer's statistics as of `manifest` (trainer only): the cosine head's or the analytic head's."""
-        state = self.registry.load_trainer_state(manifest.version)
+        """The trainer's statistics as of `manifest` (trainer only): the cosine head's or the analytic head's.
+
+        The analytic head's are those of the trained tasks alone, never of provisional ones.
+        """
+        version = head_state_version(manifest)
+        state = self.registry.load_trainer_state(version)
         if state is None:
-            raise ValueError(f"version {manifest.version} has no trainer state; it cannot be continued by a trainer")
+            raise ValueError(f"version {version} has no trainer state; it cannot be continued by a trainer")
         if self.config.head == "analytic":
             return None, HeadStatistics.from_tensors(artifacts.trainer_state_from_tensors(state.tensors, "head"))
         return ClassStatistics.from_tensors(artifacts.trainer_state_from_tensors(state.tensors)), None
+
+    def load_served_statistics(self, manifest: Manifest) -> HeadStatistics:
+        """What `manifest`'s served analytic head was solved from: trained classes, then provisional ones."""
+        if not provisional_tasks(manifest):
+            head_statistics = self.load_statistics(manifest)[1]
+            if head_statistics is None:
+                raise ValueError(f"version {manifest.version} has no analytic head statistics")
+            return head_statistics
+        state = self.registry.load_trainer_state(manifest.version)
+        if state is None:
+            raise ValueError(f"version {manifest.version} lists provisional tasks but has no trainer state")
+        return HeadStatistics.from_tensors(artifacts.trainer_state_from_tensors(state.tensors, STATE_PROVISIONAL))
 
     def load_lineage(
         self,
@@ -297,7 +434,10 @@ class ModelStore:
 
 
 def iter_labels(manifest: Manifest) -> Iterator[tuple[str, str]]:
-    """(label, task_id) of every class of a version, in classifier order."""
+    """(label, task_id) of every class of a version, in head order: trained tasks, then provisional ones."""
     for task in manifest.tasks:
         for label in task.classes:
             yield label, task.task_id
+    for provisional in provisional_tasks(manifest):
+        for label in provisional.classes:
+            yield label, provisional.task_id

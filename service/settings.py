@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     train_min_steps: int = Field(TrainConfig.min_steps, ge=0, description="Fewest optimiser steps a task trains.")
     worker_lease_ttl_s: float = Field(30.0, gt=0, description="A dead worker's lease expires after this.")
     worker_poll_s: float = Field(0.5, gt=0, description="How often an idle worker looks for queued tasks.")
+    provisional: bool = Field(
+        True,
+        description="Serve a queued task's classes from a provisional version (closed-form head) before training.",
+    )
 
     # Uploads
     max_upload_bytes: int = Field(256 * MIB, ge=1)

@@ -5,6 +5,14 @@ submission order, trains each with the model core's trainer, publishes a new reg
 hot-load) and marks the task ready. A task that fails is marked failed and the model stays unchanged. If the
 process dies, the next worker re-queues the interrupted task and trains it again; a task that was published but
 not yet marked ready is recognised in the registry and marked ready without training it twice.
+
+Provisional versions (service/provisional.py): before training, every queued task's classes are added to the
+served analytic head in closed form and published as a provisional version, in submission order. A task queued
+while another trains is made provisional between two training steps (the progress callback), so it never waits
+for a training run. Which tasks are provisional is recorded in the registry only (the latest manifest), so there
+is no window between a publish and a job-store update: a crash at any point leaves either the old or the new
+version, and the next worker carries on from whichever it finds. A task whose training fails loses its
+provisional classes (a version without them is published before the task is marked failed).
 """
 
 from __future__ import annotations
@@ -17,14 +25,27 @@ import time
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from model.backbone import make_transform
-from model.trainer import Lineage, TrainProgress, learn_task
+from model.head import HeadStatistics
+from model.network import CareModel
+from model.trainer import LearnedTask, Lineage, TrainProgress, embed_images, learn_task, served_features
 from registry import Manifest, Registry
 from service.housekeeping import open_job_store
-from service.jobs import TaskRecord, make_owner_id
+from service.jobs import TaskNotFound, TaskRecord, make_owner_id
 from service.jobs_db import process_namespace
-from service.modelstore import LoadedTasks, ModelStore, NewTask, new_router_cache
+from service.modelstore import (
+    CachedRouters,
+    LoadedTasks,
+    ModelStore,
+    NewTask,
+    ProvisionalHead,
+    ProvisionalTask,
+    new_router_cache,
+    provisional_tasks,
+)
+from service.provisional import add_classes, rebuild, served_inputs
 from service.settings import Settings
 from service.state import Preprocessor, load_backbone, upload_limits
 
@@ -68,6 +89,10 @@ class TrainingWorker:
         )
         self._loaded: tuple[Manifest, LoadedTasks] | None = None
         self._last_progress = 0.0
+        self._last_queue_check = 0.0
+        self._served_statistics: tuple[int, HeadStatistics] | None = None  # (version, what its head came from)
+        self._no_provisional: set[str] = set()  # tasks whose provisional publish failed in this process
+        self.ridge_ratio = settings.training().ridge_ratio
 
     # -- lease ------------------------------------------------------------------------------------------------
 
@@ -120,6 +145,9 @@ class TrainingWorker:
                     if not holding:
                         self.stop_event.wait(self.settings.worker_poll_s)
                         continue
+                self._reconcile_provisional()
+                if self._make_provisional():
+                    continue  # look again: more tasks may have been queued meanwhile
                 task = self.jobs.claim_next(self.owner, lease=LEASE)
                 if task is None:
                     self.stop_event.wait(self.settings.worker_poll_s)
@@ -147,7 +175,15 @@ class TrainingWorker:
             return
         except Exception as exc:
             logger.exception("task %s failed", task.task_id)
-            self.jobs.mark_failed(task.task_id, f"{type(exc).__name__}: {exc}", owner=self.owner)
+            error = f"{type(exc).__name__}: {exc}"
+            try:
+                withdrawn = self._withdraw({task.task_id})
+            except Exception:  # the main loop's reconciliation withdraws them before any new task becomes provisional
+                logger.exception("could not withdraw the provisional classes of %s yet", task.task_id)
+                withdrawn = None
+            if withdrawn is not None:
+                error += f"; its provisional classes were withdrawn in version {withdrawn.version}"
+            self.jobs.mark_failed(task.task_id, error, owner=self.owner)
             return
         index = len(new_manifest.tasks) - 1
         self.jobs.mark_ready(
@@ -165,12 +201,16 @@ class TrainingWorker:
         logger.warning("task %s was published in version %d before a crash; marking it ready", task.task_id, version)
         self.jobs.mark_ready(task.task_id, index=index, model_version=version, metrics=metrics, owner=self.owner)
 
-    def _train_and_publish(self, task: TaskRecord, manifest: Manifest | None) -> tuple[Manifest, dict[str, Any]]:
-        images, labels = self.jobs.load_upload(task.task_id)
-        classes = list(task.classes)
+    def _task_tensors(self, task_id: str, classes: tuple[str, ...] | list[str]) -> tuple[Tensor, Tensor]:
+        """A task's preprocessed images and their labels 0..n-1, from its upload in the job store."""
+        images, labels = self.jobs.load_upload(task_id)
         names = [f"{i}" for i in range(len(images))]
         tensor = self.preprocess(list(zip(names, images, strict=True)))
-        targets = torch.tensor([classes.index(label) for label in labels])
+        return tensor, torch.tensor([list(classes).index(label) for label in labels])
+
+    def _train_and_publish(self, task: TaskRecord, manifest: Manifest | None) -> tuple[Manifest, dict[str, Any]]:
+        classes = list(task.classes)
+        tensor, targets = self._task_tensors(task.task_id, classes)
         lineage = self._lineage(manifest)
         learned = learn_task(
             self.backbone,
@@ -184,12 +224,173 @@ class TrainingWorker:
         )
         self._check_running()
         metrics = {key: round(value, 4) for key, value in learned.metrics.items()}
+        parent, provisional = self._still_provisional(manifest, lineage, learned, task.task_id)
+        self._check_running()
         new_manifest = self.store.publish(
-            manifest,
+            parent,
             [NewTask(learned, task.task_id, classes, task.name)],
             extra={"task_metrics": metrics},
+            provisional=provisional,
         )
+        if provisional is not None:
+            self._served_statistics = (new_manifest.version, provisional.statistics)
         return new_manifest, metrics
+
+    # -- provisional versions ---------------------------------------------------------------------------------
+
+    def _provisional_enabled(self) -> bool:
+        return self.settings.provisional and self.config.head == "analytic"
+
+    def _served(self, manifest: Manifest) -> tuple[CareModel, CachedRouters, LoadedTasks]:
+        """`manifest` as servers serve it (its bank is shared with the training lineage when the tasks agree)."""
+        loaded = self.store.load_tasks(manifest, previous=self._loaded)
+        self._loaded = (manifest, loaded)
+        model = CareModel(self.config, self.backbone, loaded.bank, loaded.classifier, loaded.head)
+        return model, CachedRouters(self.registry, manifest, self.store.site_dims, self.cache), loaded
+
+    def _statistics_of(self, manifest: Manifest) -> HeadStatistics:
+        if self._served_statistics is None or self._served_statistics[0] != manifest.version:
+            self._served_statistics = (manifest.version, self.store.load_served_statistics(manifest))
+        return self._served_statistics[1]
+
+    def _make_provisional(self) -> bool:
+        """Publish a provisional version for each queued task without one, in submission order; True if any."""
+        if not self._provisional_enabled():
+            return False
+        manifest = self.registry.latest_manifest()
+        if manifest is None:
+            return False  # the first task defines the feature space: it is trained, not made provisional
+        served = {t.task_id for t in manifest.tasks} | {t.task_id for t in provisional_tasks(manifest)}
+        pending = [
+            t
+            for t in self.jobs.list_tasks()
+            if t.status == "queued" and t.task_id not in served and t.task_id not in self._no_provisional
+        ]
+        for task in pending:
+            self._check_running()
+            try:
+                manifest = self._publish_provisional(manifest, task)
+            except Stopped:
+                raise
+            except Exception:
+                # The task is still trained as usual; only its early answers are lost.
+                logger.exception("could not make task %s provisional; it will be served once trained", task.task_id)
+                self._no_provisional.add(task.task_id)
+                manifest = self.registry.latest_manifest() or manifest
+        return bool(pending)
+
+    def _publish_provisional(self, manifest: Manifest, task: TaskRecord) -> Manifest:
+        started = time.perf_counter()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # a training run may be paused around us
+            images, labels = self._task_tensors(task.task_id, task.classes)
+            model, routers, loaded = self._served(manifest)
+            if loaded.head is None:
+                raise ValueError(f"version {manifest.version} has no analytic head")
+            inputs = served_inputs(model, routers, images)
+            statistics, head = add_classes(
+                self._statistics_of(manifest), loaded.head, inputs, labels, len(task.classes), self.ridge_ratio
+            )
+        tasks = [*provisional_tasks(manifest), ProvisionalTask(task.task_id, task.name, tuple(task.classes))]
+        self._check_running()
+        published = self.store.publish_provisional(
+            manifest,
+            loaded.classifier,
+            ProvisionalHead(tasks, head, statistics),
+            extra={"provisional_seconds": round(time.perf_counter() - started, 3)},
+        )
+        self._served_statistics = (published.version, statistics)
+        logger.info(
+            "task %s is provisional in version %d (%d images, %.1fs)",
+            task.task_id,
+            published.version,
+            len(images),
+            time.perf_counter() - started,
+        )
+        return published
+
+    def _still_provisional(
+        self, manifest: Manifest | None, lineage: Lineage, learned: LearnedTask, trained_id: str
+    ) -> tuple[Manifest | None, ProvisionalHead | None]:
+        """The parent to publish a trained task on, and the provisional tasks re-embedded through the new version.
+
+        The head statistics of the trained version are the trained features' (`learned.head_statistics`); every
+        task still provisional is embedded again through the new version and added after them. Tasks made
+        provisional meanwhile (between embeddings) are picked up until none is missing.
+        """
+        if manifest is None or learned.head is None or learned.head_statistics is None:
+            return manifest, None
+        embedded: dict[str, tuple[Tensor, Tensor, int]] = {}
+        while True:
+            self._check_running()
+            latest = self.registry.latest_manifest()
+            if latest is None or latest.tasks != manifest.tasks:
+                raise RuntimeError("the registry changed under the worker: its trained tasks are not the lineage's")
+            remaining = [p for p in provisional_tasks(latest) if p.task_id != trained_id]
+            missing = [p for p in remaining if p.task_id not in embedded]
+            if not missing:
+                break
+            for pending in missing:
+                with torch.no_grad():
+                    images, labels = self._task_tensors(pending.task_id, pending.classes)
+                    inputs = served_features(
+                        self.backbone, self.config, lineage, learned, embed_images(self.backbone, images)
+                    )
+                embedded[pending.task_id] = (inputs, labels, len(pending.classes))
+                self._maybe_make_provisional()
+        if not remaining:
+            return latest, None
+        statistics, head = rebuild(
+            learned.head_statistics,
+            learned.head.scale,
+            learned.head.temperature,
+            [embedded[p.task_id] for p in remaining],
+            self.ridge_ratio,
+        )
+        return latest, ProvisionalHead(remaining, head, statistics)
+
+    def _withdraw(self, task_ids: set[str]) -> Manifest | None:
+        """Publish the latest version without the provisional classes of `task_ids`; None if none were served."""
+        latest = self.registry.latest_manifest()
+        current = provisional_tasks(latest)
+        if latest is None or not any(p.task_id in task_ids for p in current):
+            return None
+        keep = [p for p in current if p.task_id not in task_ids]
+        with torch.no_grad():
+            model, routers, loaded = self._served(latest)
+            trained = self.store.load_statistics(latest)[1]
+            if loaded.head is None or trained is None:
+                raise ValueError(f"version {latest.version} has no analytic head")
+            entries = []
+            for pending in keep:
+                images, labels = self._task_tensors(pending.task_id, pending.classes)
+                entries.append((served_inputs(model, routers, images), labels, len(pending.classes)))
+            statistics, head = rebuild(trained, loaded.head.scale, loaded.head.temperature, entries, self.ridge_ratio)
+        published = self.store.publish_provisional(latest, loaded.classifier, ProvisionalHead(keep, head, statistics))
+        self._served_statistics = (published.version, statistics)
+        logger.warning("provisional classes of %s withdrawn in version %d", sorted(task_ids), published.version)
+        return published
+
+    def _reconcile_provisional(self) -> None:
+        """Withdraw provisional classes of tasks that are no longer queued or training (failed while we were down)."""
+        latest = self.registry.latest_manifest()
+        stale = set()
+        for pending in provisional_tasks(latest):
+            try:
+                live = self.jobs.get(pending.task_id).status in ("queued", "training")
+            except TaskNotFound:
+                live = False
+            if not live:
+                stale.add(pending.task_id)
+        if stale:
+            self._withdraw(stale)
+
+    def _maybe_make_provisional(self) -> None:
+        """Between training steps: make newly queued tasks provisional, at most every PROGRESS_INTERVAL_S."""
+        now = time.monotonic()
+        if now - self._last_queue_check < PROGRESS_INTERVAL_S:
+            return
+        self._last_queue_check = now
+        self._make_provisional()
 
     def _lineage(self, manifest: Manifest | None) -> Lineage:
         if manifest is None:
@@ -207,6 +408,7 @@ class TrainingWorker:
 
     def _progress(self, task_id: str, progress: TrainProgress) -> None:
         self._check_running()
+        self._maybe_make_provisional()  # preempt between steps: a task queued now does not wait for this run
         now = time.monotonic()
         last_step = progress.stage == "adapt" and progress.step == progress.steps
         if now - self._last_progress < PROGRESS_INTERVAL_S and not last_step and progress.stage != "align":

@@ -1,0 +1,77 @@
+"""Provisional classes: a task's classes added to the served analytic head in closed form, before training.
+
+The head is LDA on statistics that accumulate exactly (model/head.py), and a task's experts do not change how
+earlier tasks' images are routed, so a queued task's classes can be served from one forward pass of its images
+through the current version: their head inputs join the head statistics, the head is re-solved, and the worker
+publishes a version with the same trained tasks and a new head (service/modelstore.py, `publish_provisional`).
+When the task is trained, its trained version is published with the statistics of the trained features, and the
+tasks still provisional are re-embedded through that version (every served class lives in one feature space).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from model.head import AnalyticHead, HeadStatistics, solve_head
+from model.network import CareModel
+from model.routers import RouterSource
+
+CHUNK = 32  # images per forward pass
+
+
+def served_inputs(model: CareModel, routers: RouterSource, images: Tensor) -> Tensor:
+    """The served head's (unscaled) inputs of preprocessed images (N, 3, H, W) through `model`, a normal tensor."""
+    if model.head is None:
+        raise ValueError("provisional classes need the analytic head")
+    rows = []
+    with torch.inference_mode():
+        for start in range(0, len(images), CHUNK):
+            hidden = model.backbone.embed(images[start : start + CHUNK])
+            rows.append(model.head_inputs_from_embedding(hidden, routers))
+    return torch.cat(rows).clone()
+
+
+def add_classes(
+    statistics: HeadStatistics, head: AnalyticHead, inputs: Tensor, labels: Tensor, num_new: int, ridge_ratio: float
+) -> tuple[HeadStatistics, AnalyticHead]:
+    """`statistics` plus `num_new` classes (unscaled `inputs`, labels 0..num_new-1), and the head solved from them.
+
+    The new classes come after every class of `statistics`; the scale is the lineage's (`head.scale`), the
+    temperature is refitted on the new images' leave-one-out scores (the previous one when that is impossible).
+    """
+    with torch.no_grad():
+        offset = statistics.num_classes
+        grown = statistics.add(inputs * head.scale.to(inputs.device), labels, num_new)
+        solved = solve_head(grown, head.scale, ridge_ratio, (inputs, labels + offset), head.temperature)
+    return grown, solved
+
+
+def rebuild(
+    trained: HeadStatistics,
+    scale: Tensor,
+    temperature: float,
+    tasks: Sequence[tuple[Tensor, Tensor, int]],
+    ridge_ratio: float,
+) -> tuple[HeadStatistics, AnalyticHead]:
+    """The head over the trained classes of `trained` followed by `tasks` ((unscaled inputs, labels, classes) each).
+
+    The temperature is refitted on the leave-one-out scores of every task's images; `temperature` is kept when
+    there are none (no task, or only single-image classes).
+    """
+    with torch.no_grad():
+        statistics = trained
+        calibration_inputs, calibration_labels = [], []
+        for inputs, labels, num_new in tasks:
+            offset = statistics.num_classes
+            statistics = statistics.add(inputs * scale.to(inputs.device), labels, num_new)
+            calibration_inputs.append(inputs)
+            calibration_labels.append(labels + offset)
+        if calibration_inputs:
+            calibration = (torch.cat(calibration_inputs), torch.cat(calibration_labels))
+        else:
+            calibration = (torch.zeros(0, statistics.dim), torch.zeros(0, dtype=torch.long))
+        head = solve_head(statistics, scale, ridge_ratio, calibration, temperature)
+    return statistics, head
