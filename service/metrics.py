@@ -23,6 +23,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 TRAINING_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+SERVABLE_BUCKETS = (1.0, 2.5, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,17 @@ class Metrics:
         self.model_version = Gauge("care_model_version", "Served model version (0: none)", registry=registry)
         self.tasks_learned = Gauge("care_tasks_learned", "Tasks in the served version", registry=registry)
         self.classes_learned = Gauge("care_classes_learned", "Classes in the served version", registry=registry)
+        self.classes_provisional = Gauge(
+            "care_classes_provisional",
+            "Classes of the served version that are provisional (closed-form head, not trained yet)",
+            registry=registry,
+        )
+        self.servable_seconds = Histogram(
+            "care_task_servable_seconds",
+            "Time from a task's 202 to this server first answering with its classes (provisional or trained)",
+            buckets=SERVABLE_BUCKETS,
+            registry=registry,
+        )
         self.predict_requests = Counter(
             "care_predict_requests", "Predict requests by HTTP status", ["code"], registry=registry
         )

@@ -11,6 +11,11 @@ class ScoredLabel(BaseModel):
     label: str
     score: float = Field(description="Probability over all learned classes.")
     task_id: str
+    provisional: bool = Field(
+        False,
+        description="The label's task is not trained yet: it is served by the closed-form head from a provisional "
+        "version (its answers change once the trained version replaces it).",
+    )
 
 
 class ImagePrediction(BaseModel):
@@ -18,7 +23,7 @@ class ImagePrediction(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    model_version: int
+    model_version: int = Field(description="The version that answered (provisional or trained).")
     predictions: list[ImagePrediction] = Field(description="One per image, in request order.")
 
 
@@ -59,6 +64,11 @@ class TaskPublic(BaseModel):
         description="The server that answered already serves this task: it is ready and the server's loaded model "
         "version is at least the task's model_version. `ready` alone only says a version with it was published.",
     )
+    provisional: bool = Field(
+        False,
+        description="The server that answered serves this task's classes from a provisional version (closed-form "
+        "head, before training): /predict can already answer them. The status stays queued or training.",
+    )
 
 
 class RouterCachePublic(BaseModel):
@@ -76,4 +86,8 @@ class ModelPublic(BaseModel):
     backbone: str
     num_tasks: int
     num_classes: int
+    provisional_tasks: list[str] = Field(
+        default_factory=list, description="Tasks whose classes are served by the head alone, not trained yet."
+    )
+    num_provisional_classes: int = Field(0, description="Classes of those tasks (counted in num_classes).")
     router_cache: RouterCachePublic

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from model.network import CareModel
 from registry import Manifest
-from service.modelstore import CachedRouters, LoadedTasks, ModelStore, RouterCache, iter_labels
+from service.modelstore import CachedRouters, LoadedTasks, ModelStore, RouterCache, iter_labels, provisional_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class Prediction:
     label: str
     score: float
     task_id: str
+    provisional: bool = False  # served by the closed-form head before its task is trained
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,21 @@ class ServedModel:
     labels: tuple[str, ...]
     task_ids: tuple[str, ...]
     loaded: LoadedTasks | None
+    provisional_ids: frozenset[str] = frozenset()  # tasks served by the head alone (not trained yet)
 
     @property
     def num_tasks(self) -> int:
+        """Trained tasks (provisional ones are not counted)."""
         return 0 if self.manifest is None else len(self.manifest.tasks)
+
+    @property
+    def num_provisional_classes(self) -> int:
+        return sum(1 for task_id in self.task_ids if task_id in self.provisional_ids)
+
+    @property
+    def served_task_ids(self) -> frozenset[str]:
+        """Every task whose classes this version answers with, trained or provisional."""
+        return frozenset(self.task_ids)
 
     @property
     def num_classes(self) -> int:
@@ -63,7 +75,10 @@ class ServedModel:
         """The `top_k` classes of each row, best first."""
         values, indices = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
         return [
-            [Prediction(self.labels[i], float(v), self.task_ids[i]) for v, i in zip(row_v, row_i, strict=True)]
+            [
+                Prediction(self.labels[i], float(v), self.task_ids[i], self.task_ids[i] in self.provisional_ids)
+                for v, i in zip(row_v, row_i, strict=True)
+            ]
             for row_v, row_i in zip(values.tolist(), indices.tolist(), strict=True)
         ]
 
@@ -98,6 +113,7 @@ class SnapshotLoader:
             labels=tuple(label for label, _ in pairs),
             task_ids=tuple(task_id for _, task_id in pairs),
             loaded=loaded,
+            provisional_ids=frozenset(task.task_id for task in provisional_tasks(manifest)),
         )
 
 

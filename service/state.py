@@ -100,6 +100,17 @@ def job_snapshot(jobs: JobStore) -> JobSnapshot:
     return JobSnapshot(jobs.counts_by_status(), durations)
 
 
+def observe_servable(jobs: JobStore, metrics: Metrics, task_ids: set[str] | frozenset[str]) -> None:
+    """Record, for tasks this server has just started answering with, the time since their 202."""
+    now = time.time()
+    for task_id in task_ids:
+        try:
+            created = datetime.fromisoformat(jobs.get(task_id).created_at.replace("Z", "+00:00")).timestamp()
+        except Exception:  # a task of another job store (shared registry): nothing to measure against
+            continue
+        metrics.servable_seconds.observe(max(0.0, now - created))
+
+
 @dataclass
 class AppState:
     """The server's long-lived objects."""
@@ -142,10 +153,18 @@ def build_state(settings: Settings) -> AppState:
     holder["metrics"] = metrics
     store = ModelStore(registry, config, backbone, device)
 
+    servable: set[str] | None = None  # tasks this server has answered with; None until the first version
+
     def on_swap(model: ServedModel) -> None:
+        nonlocal servable
         metrics.model_version.set(model.version or 0)
         metrics.tasks_learned.set(model.num_tasks)
         metrics.classes_learned.set(model.num_classes)
+        metrics.classes_provisional.set(model.num_provisional_classes)
+        served = model.served_task_ids
+        if servable is not None:  # the version served at start-up says nothing about how fast tasks became servable
+            observe_servable(jobs, metrics, served - servable)
+        servable = set(served)
 
     def on_failure(version: int, error: Exception) -> None:  # noqa: ARG001 - logged by CurrentModel
         metrics.version_load_failures.inc()

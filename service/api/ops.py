@@ -46,6 +46,8 @@ async def model(state: StateDep) -> ModelPublic:
         backbone=state.config.backbone,
         num_tasks=served.num_tasks,
         num_classes=served.num_classes,
+        provisional_tasks=sorted(served.provisional_ids),
+        num_provisional_classes=served.num_provisional_classes,
         router_cache=RouterCachePublic(
             capacity_bytes=stats.device.capacity_bytes,
             resident_bytes=stats.device.resident_bytes,

@@ -43,7 +43,11 @@ async def predict(
     return PredictResponse(
         model_version=result.model.version,
         predictions=[
-            ImagePrediction(top=[ScoredLabel(label=p.label, score=p.score, task_id=p.task_id) for p in row])
+            ImagePrediction(
+                top=[
+                    ScoredLabel(label=p.label, score=p.score, task_id=p.task_id, provisional=p.provisional) for p in row
+                ]
+            )
             for row in result.model.top(result.probabilities, top_k)
         ],
     )

@@ -96,11 +96,14 @@ async def _store(upload: TaskUpload, response: Response, state: AppState, idempo
     )
 
 
-def _public(record: TaskRecord, served_version: int | None) -> TaskPublic:
+def _public(
+    record: TaskRecord, served_version: int | None, provisional_ids: frozenset[str] = frozenset()
+) -> TaskPublic:
     # Versions only grow along the lineage, so a server that loaded version v serves every task published up to v.
     published = record.model_version if record.status == "ready" else None
     served_here = published is not None and served_version is not None and served_version >= published
-    return TaskPublic.model_validate({**record.to_public(), "served_here": served_here})
+    provisional = record.status in ("queued", "training") and record.task_id in provisional_ids
+    return TaskPublic.model_validate({**record.to_public(), "served_here": served_here, "provisional": provisional})
 
 
 @router.get(
@@ -116,7 +119,8 @@ async def get_task(task_id: str, state: StateDep) -> TaskPublic:
         raise ApiError(
             404, "task_not_found", f"no task {task_id!r}; GET /tasks lists the known tasks", {"task_id": task_id}
         ) from missing
-    return _public(record, state.served().version)
+    served = state.served()
+    return _public(record, served.version, served.provisional_ids)
 
 
 @router.get(
@@ -127,5 +131,5 @@ async def get_task(task_id: str, state: StateDep) -> TaskPublic:
 )
 async def list_tasks(state: StateDep) -> list[TaskPublic]:
     records = await anyio.to_thread.run_sync(state.jobs.list_tasks)
-    served_version = state.served().version
-    return [_public(r, served_version) for r in records]
+    served = state.served()
+    return [_public(r, served.version, served.provisional_ids) for r in records]
