@@ -34,6 +34,7 @@ CONFIG = {
     "serve_threads": "1",
     "train_threads": "1",
     "worker_poll_s": "0.2",
+    "provisional": "false",  # one version per trained task; tests/e2e/test_provisional.py covers provisional ones
     "device": "cpu",
 }
 

@@ -29,6 +29,7 @@ ENV = {
     "serve_threads": "1",
     "train_threads": "1",
     "worker_poll_s": "0.2",
+    "provisional": "false",  # version numbers below count trained tasks; see tests/e2e/test_provisional.py
     "device": "cpu",
 }
 

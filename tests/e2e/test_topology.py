@@ -65,6 +65,7 @@ COMMON_ENV = {
     "CARE_SERVE_THREADS": "1",
     "CARE_TRAIN_THREADS": "1",
     "CARE_WORKER_POLL_S": "0.2",
+    "CARE_PROVISIONAL": "false",  # one version per task, as the checks below count (tests/e2e/test_provisional.py)
     "CARE_WORKER_LEASE_TTL_S": str(LEASE_TTL_S),
     "CARE_DEVICE": "cpu",
     "HF_HUB_OFFLINE": "1",

@@ -55,6 +55,7 @@ def settings(tmp_path: Path) -> Settings:
         serve_threads=1,
         train_threads=1,
         max_batch_wait_ms=1,
+        provisional=False,  # one version per trained task; tests/integration/test_provisional.py turns it on
     )
 
 

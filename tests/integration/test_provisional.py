@@ -18,7 +18,7 @@ from service.modelstore import EXTRA_HEAD_STATE, head_state_version, provisional
 from service.provisional import served_inputs
 from service.settings import Settings
 from service.worker import LEASE, TrainingWorker
-from tests.integration.conftest import png, task_files, wait_for
+from tests.integration.conftest import png, task_files, updated, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,6 +48,11 @@ def trainer_state(worker: TrainingWorker, version: int, prefix: str) -> HeadStat
     state = worker.registry.load_trainer_state(version)
     assert state is not None
     return HeadStatistics.from_tensors(artifacts.trainer_state_from_tensors(state.tensors, prefix))
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return updated(settings, provisional=True)
 
 
 @pytest.fixture
@@ -166,7 +171,7 @@ def test_a_task_queued_during_training_is_provisional_before_that_training_ends(
 
 
 def test_provisional_off_trains_as_before(settings: Settings, client: TestClient) -> None:
-    worker = TrainingWorker(settings.model_copy(update={"provisional": False}))
+    worker = TrainingWorker(updated(settings, provisional=False))
     assert worker._acquire()
     post(client, ["a0", "a1"])
     train_next(worker)
