@@ -390,7 +390,12 @@ class TrainingWorker:
         if now - self._last_queue_check < PROGRESS_INTERVAL_S:
             return
         self._last_queue_check = now
-        self._make_provisional()
+        try:
+            self._make_provisional()
+        except Stopped:
+            raise
+        except Exception:  # never let the provisional lane fail the training run it interrupts
+            logger.exception("could not look for tasks to make provisional; the next check retries")
 
     def _lineage(self, manifest: Manifest | None) -> Lineage:
         if manifest is None:
