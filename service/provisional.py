@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from model.head import AnalyticHead, HeadStatistics, solve_head
+from model.head import AnalyticHead, HeadStatistics, fit_temperature, solve_head
 from model.network import CareModel
 from model.routers import RouterSource
 
@@ -45,7 +45,7 @@ def add_classes(
     with torch.no_grad():
         offset = statistics.num_classes
         grown = statistics.add(inputs * head.scale.to(inputs.device), labels, num_new)
-        solved = solve_head(grown, head.scale, ridge_ratio, (inputs, labels + offset), head.temperature)
+        solved = solve_factored(grown, head.scale, ridge_ratio, (inputs, labels + offset), head.temperature)
     return grown, solved
 
 
@@ -73,5 +73,42 @@ def rebuild(
             calibration = (torch.cat(calibration_inputs), torch.cat(calibration_labels))
         else:
             calibration = (torch.zeros(0, statistics.dim), torch.zeros(0, dtype=torch.long))
-        head = solve_head(statistics, scale, ridge_ratio, calibration, temperature)
+        head = solve_factored(statistics, scale, ridge_ratio, calibration, temperature)
     return statistics, head
+
+
+def solve_factored(
+    statistics: HeadStatistics,
+    scale: Tensor,
+    ridge_ratio: float,
+    calibration: tuple[Tensor, Tensor],
+    previous_temperature: float,
+) -> AnalyticHead:
+    """`model.head.solve_head` with one Cholesky factorisation of the scatter instead of three.
+
+    The head and its leave-one-out temperature are those of `solve_head` (a test holds them equal); at 2704 inputs
+    a factorisation is about 0.5 s of one core, a third of the provisional path's solving. Falls back to
+    `solve_head` when round-off made the scatter indefinite.
+    """
+    chol, info = torch.linalg.cholesky_ex(statistics.scatter(ridge_ratio))
+    if int(info) != 0:
+        return solve_head(statistics, scale, ridge_ratio, calibration, previous_temperature)
+    means = statistics.means()
+    weight = torch.cholesky_solve(means.T.contiguous(), chol)
+    bias = -0.5 * (means * weight.T).sum(dim=1)
+    inputs, labels = calibration
+    z = (inputs.double().cpu() * scale.double().cpu()) if len(inputs) else inputs.double().cpu()
+    labels = labels.cpu()
+    counts = statistics.class_counts[labels].double()
+    keep = counts > 1
+    z, labels, counts = z[keep], labels[keep], counts[keep]
+    temperature = previous_temperature
+    if len(z):
+        scores = z @ weight + bias
+        own_weight = (counts[:, None] * weight.T[labels] - torch.cholesky_solve(z.T.contiguous(), chol).T) / (
+            counts[:, None] - 1
+        )
+        own_mean = (counts[:, None] * means[labels] - z) / (counts[:, None] - 1)
+        scores[torch.arange(len(z)), labels] = (z * own_weight).sum(dim=1) - 0.5 * (own_mean * own_weight).sum(dim=1)
+        temperature = fit_temperature(scores, labels)
+    return AnalyticHead(scale, weight.float().to(scale.device), bias.float().to(scale.device), temperature)

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
         True,
         description="Serve a queued task's classes from a provisional version (closed-form head) before training.",
     )
+    provisional_threads: int = Field(
+        default_factory=_cpus,
+        ge=1,
+        description="Torch threads of the worker while it makes a task provisional (short and latency-bound).",
+    )
 
     # Uploads
     max_upload_bytes: int = Field(256 * MIB, ge=1)

@@ -189,7 +189,9 @@ class TrainingWorker:
         self.jobs.mark_ready(
             task.task_id, index=index, model_version=new_manifest.version, metrics=metrics, owner=self.owner
         )
-        logger.info("task %s learned in %.1fs: version %d", task.task_id, time.perf_counter() - started, index + 1)
+        logger.info(
+            "task %s learned in %.1fs: version %d", task.task_id, time.perf_counter() - started, new_manifest.version
+        )
 
     def _mark_already_published(self, task: TaskRecord, manifest: Manifest) -> None:
         index = next(i for i, t in enumerate(manifest.tasks) if t.task_id == task.task_id)
@@ -281,6 +283,15 @@ class TrainingWorker:
 
     def _publish_provisional(self, manifest: Manifest, task: TaskRecord) -> Manifest:
         started = time.perf_counter()
+        threads = torch.get_num_threads()
+        # Short and latency-bound: it may use every core for a few seconds, then training gets its share back.
+        torch.set_num_threads(max(threads, self.settings.provisional_threads))
+        try:
+            return self._publish_provisional_now(manifest, task, started)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _publish_provisional_now(self, manifest: Manifest, task: TaskRecord, started: float) -> Manifest:
         with torch.random.fork_rng(devices=[]), torch.no_grad():  # a training run may be paused around us
             images, labels = self._task_tensors(task.task_id, task.classes)
             model, routers, loaded = self._served(manifest)
