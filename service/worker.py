@@ -284,8 +284,8 @@ class TrainingWorker:
     def _publish_provisional(self, manifest: Manifest, task: TaskRecord) -> Manifest:
         started = time.perf_counter()
         threads = torch.get_num_threads()
-        # Short and latency-bound: it may use every core for a few seconds, then training gets its share back.
-        torch.set_num_threads(max(threads, self.settings.provisional_threads))
+        # Short and latency-bound; more threads than training's did not help on the shared 2-core box (measured).
+        torch.set_num_threads(self.settings.provisional_threads or threads)
         try:
             return self._publish_provisional_now(manifest, task, started)
         finally:

@@ -1,0 +1,144 @@
+"""Measure provisional classes over HTTP on a real server (issue 12): 202 -> first answer naming the new class.
+
+Starts `care-serve serve` with its defaults (default image size, training budget) on 127.0.0.1 and a fresh data
+directory, teaches the first task of a stream and waits until it is trained, then posts the next tasks back to back
+(2 classes x N images each) and polls /predict with one test image per task until its top-1 names a class of that
+task: the time from the 202 to that answer is the latency (p50 and max over the tasks). Accuracy on the tasks' test
+images is measured on the new classes from the provisional version and once trained, and on the first task's
+classes before, during (every posted task provisional) and after (every task trained).
+
+    .venv/bin/python tools/bench_provisional.py --stream fmnist5 --tasks 3 --train-per-class 100 --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from service.bench.datasets import Task, make_stream, png_bytes
+from tests.e2e.harness import base_env, free_port, start_server
+
+
+def post_task(url: str, task: Task) -> tuple[str, float]:
+    files = [("images", (f"{i}.png", png_bytes(image), "image/png")) for i, image in enumerate(task.train.images)]
+    response = httpx.post(f"{url}/tasks", files=files, data={"labels": task.train.labels}, timeout=120)
+    response.raise_for_status()
+    return str(response.json()["task_id"]), time.monotonic()
+
+
+def predict(url: str, images: list[Any]) -> list[dict[str, Any]]:
+    """Top-1 of each image (label, provisional, model_version), 16 images a request."""
+    answers = []
+    for start in range(0, len(images), 16):
+        batch = images[start : start + 16]
+        files = [("images", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(batch)]
+        body = httpx.post(f"{url}/predict?top_k=1", files=files, timeout=120).json()
+        answers += [{**p["top"][0], "model_version": body["model_version"]} for p in body["predictions"]]
+    return answers
+
+
+def accuracy(url: str, tasks: list[Task]) -> dict[str, Any]:
+    images = [im for task in tasks for im in task.test.images]
+    labels = [label for task in tasks for label in task.test.labels]
+    answers = predict(url, images)
+    correct = sum(a["label"] == y for a, y in zip(answers, labels, strict=True))
+    return {"accuracy": round(correct / len(labels), 4), "versions": sorted({a["model_version"] for a in answers})}
+
+
+def wait_status(url: str, task_id: str, statuses: tuple[str, ...], timeout_s: float = 1800) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body: dict[str, Any] = httpx.get(f"{url}/tasks/{task_id}", timeout=10).json()
+        if body["status"] in statuses:
+            return body
+        time.sleep(0.5)
+    raise TimeoutError(f"task {task_id} not {statuses} after {timeout_s}s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stream", default="fmnist5")
+    parser.add_argument("--tasks", type=int, default=3, help="tasks in all: the first is trained, the rest measured")
+    parser.add_argument("--train-per-class", type=int, default=100)
+    parser.add_argument("--test-per-class", type=int, default=50)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    stream = make_stream(args.stream, seed=0, train_per_class=args.train_per_class, test_per_class=args.test_per_class)
+    tasks = list(stream.tasks)[: args.tasks]
+    with tempfile.TemporaryDirectory(prefix="bench-provisional-") as tmp:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = start_server("server", port, base_env(data_dir=f"{tmp}/data", device="cpu"), Path(tmp))
+        try:
+            first, _ = post_task(url, tasks[0])
+            trained_first = wait_status(url, first, ("ready", "failed"))
+            assert trained_first["status"] == "ready", trained_first
+            time.sleep(3)  # hot-load
+            old_before = accuracy(url, tasks[:1])
+            posted = [post_task(url, task) for task in tasks[1:]]
+            latency: dict[str, float] = {}
+            probes = {t: (task, task.test.images[0]) for (t, _), task in zip(posted, tasks[1:], strict=True)}
+            started = dict(posted)
+            provisional_answer: dict[str, bool] = {}
+            while len(latency) < len(posted):
+                for task_id, (task, image) in probes.items():
+                    if task_id in latency:
+                        continue
+                    answer = predict(url, [image])[0]
+                    if answer["label"] in task.train.labels:
+                        latency[task_id] = time.monotonic() - started[task_id]
+                        provisional_answer[task_id] = bool(answer["provisional"])
+                time.sleep(0.25)
+            statuses = [httpx.get(f"{url}/tasks/{t}", timeout=10).json()["status"] for t, _ in posted]
+            new_provisional = accuracy(url, tasks[1:])
+            old_during = accuracy(url, tasks[:1])
+            during_model = httpx.get(f"{url}/model", timeout=10).json()
+            for task_id, _ in posted:
+                wait_status(url, task_id, ("ready", "failed"))
+            time.sleep(3)
+            new_trained = accuracy(url, tasks[1:])
+            old_after = accuracy(url, tasks[:1])
+            metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        finally:
+            server.stop()
+    values = sorted(latency.values())
+    result = {
+        "stream": args.stream,
+        "train_per_class": args.train_per_class,
+        "test_per_class": args.test_per_class,
+        "measured_tasks": len(posted),
+        "latency_s": {"p50": round(statistics.median(values), 2), "max": round(values[-1], 2), "all": values},
+        "first_answer_provisional": provisional_answer,
+        "statuses_when_answered": statuses,
+        "during": {
+            "num_provisional_classes": during_model["num_provisional_classes"],
+            "model_version": during_model["model_version"],
+        },
+        "accuracy": {
+            "old_before": old_before,
+            "old_during": old_during,
+            "old_after": old_after,
+            "new_provisional": new_provisional,
+            "new_trained": new_trained,
+        },
+        "servable_histogram": [line for line in metrics.splitlines() if line.startswith("care_task_servable_seconds")],
+    }
+    text = json.dumps(result, indent=2)
+    sys.stdout.write(text + "\n")
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
