@@ -85,10 +85,10 @@ class Settings(BaseSettings):
         True,
         description="Serve a queued task's classes from a provisional version (closed-form head) before training.",
     )
-    provisional_threads: int | None = Field(
-        None,
-        ge=1,
-        description="Torch threads of the worker while it makes a task provisional (default: CARE_TRAIN_THREADS).",
+    provisional_threads: int = Field(
+        0,
+        ge=0,
+        description="Torch threads of the worker while it makes a task provisional (0: as many as training).",
     )
 
     # Uploads
