@@ -85,6 +85,11 @@ class Settings(BaseSettings):
         True,
         description="Serve a queued task's classes from a provisional version (closed-form head) before training.",
     )
+    provisional_images_per_class: int = Field(
+        32,
+        ge=0,
+        description="Images of each class a provisional version is computed from (0: all); training uses all.",
+    )
     provisional_threads: int = Field(
         0,
         ge=0,

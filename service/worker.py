@@ -203,9 +203,22 @@ class TrainingWorker:
         logger.warning("task %s was published in version %d before a crash; marking it ready", task.task_id, version)
         self.jobs.mark_ready(task.task_id, index=index, model_version=version, metrics=metrics, owner=self.owner)
 
-    def _task_tensors(self, task_id: str, classes: tuple[str, ...] | list[str]) -> tuple[Tensor, Tensor]:
-        """A task's preprocessed images and their labels 0..n-1, from its upload in the job store."""
+    def _task_tensors(
+        self, task_id: str, classes: tuple[str, ...] | list[str], per_class: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """A task's preprocessed images and their labels 0..n-1, from its upload in the job store.
+
+        With `per_class`, only the first `per_class` images of each class (in upload order) are read.
+        """
         images, labels = self.jobs.load_upload(task_id)
+        if per_class > 0:
+            seen: dict[str, int] = {}
+            keep = []
+            for index, label in enumerate(labels):
+                seen[label] = seen.get(label, 0) + 1
+                if seen[label] <= per_class:
+                    keep.append(index)
+            images, labels = [images[i] for i in keep], [labels[i] for i in keep]
         names = [f"{i}" for i in range(len(images))]
         tensor = self.preprocess(list(zip(names, images, strict=True)))
         return tensor, torch.tensor([list(classes).index(label) for label in labels])
@@ -293,7 +306,7 @@ class TrainingWorker:
 
     def _publish_provisional_now(self, manifest: Manifest, task: TaskRecord, started: float) -> Manifest:
         with torch.random.fork_rng(devices=[]), torch.no_grad():  # a training run may be paused around us
-            images, labels = self._task_tensors(task.task_id, task.classes)
+            images, labels = self._task_tensors(task.task_id, task.classes, self.settings.provisional_images_per_class)
             model, routers, loaded = self._served(manifest)
             if loaded.head is None:
                 raise ValueError(f"version {manifest.version} has no analytic head")
@@ -342,10 +355,11 @@ class TrainingWorker:
                 break
             for pending in missing:
                 with torch.no_grad():
-                    images, labels = self._task_tensors(pending.task_id, pending.classes)
-                    inputs = served_features(
-                        self.backbone, self.config, lineage, learned, embed_images(self.backbone, images)
+                    images, labels = self._task_tensors(
+                        pending.task_id, pending.classes, self.settings.provisional_images_per_class
                     )
+                    hidden = embed_images(self.backbone, images.contiguous(memory_format=torch.channels_last))
+                    inputs = served_features(self.backbone, self.config, lineage, learned, hidden)
                 embedded[pending.task_id] = (inputs, labels, len(pending.classes))
                 self._maybe_make_provisional()
         if not remaining:
@@ -373,7 +387,9 @@ class TrainingWorker:
                 raise ValueError(f"version {latest.version} has no analytic head")
             entries = []
             for pending in keep:
-                images, labels = self._task_tensors(pending.task_id, pending.classes)
+                images, labels = self._task_tensors(
+                    pending.task_id, pending.classes, self.settings.provisional_images_per_class
+                )
                 entries.append((served_inputs(model, routers, images), labels, len(pending.classes)))
             statistics, head = rebuild(trained, loaded.head.scale, loaded.head.temperature, entries, self.ridge_ratio)
         published = self.store.publish_provisional(latest, loaded.classifier, ProvisionalHead(keep, head, statistics))

@@ -178,3 +178,18 @@ def test_provisional_off_trains_as_before(settings: Settings, client: TestClient
     post(client, ["b0"])
     assert not worker._make_provisional()
     assert worker.registry.current_version() == 1
+
+
+def test_a_provisional_head_reads_at_most_the_configured_images_per_class(
+    settings: Settings, client: TestClient
+) -> None:
+    worker = TrainingWorker(updated(settings, provisional_images_per_class=2))
+    assert worker._acquire()
+    post(client, ["a0", "a1"])
+    train_next(worker)
+    post(client, ["b0", "b1"])  # three images per class
+    assert worker._make_provisional()
+    assert trainer_state(worker, 2, "provisional").class_counts.tolist() == [3, 3, 2, 2]
+    second = train_next(worker)
+    assert client.get(f"/tasks/{second}").json()["status"] == "ready"
+    assert trainer_state(worker, 3, "head").class_counts.tolist() == [3, 3, 3, 3]  # training reads every image
