@@ -129,7 +129,8 @@ class TrainConfig:
             images at batch 16 already trains 130 steps in 10 epochs; a one-class task of 30 images gets 30 epochs.
         old_class_negatives: Train the new classes against the (fixed) classifier rows of every earlier class as
             well, not only against each other, so a one-class task has a contrast to learn from (CaRE: off).
-        ridge_ratio: The analytic head's ridge, as a fraction of the mean eigenvalue of its Gram matrix.
+        ridge_ratio: A fixed ridge of the analytic head, as a fraction of the mean eigenvalue of its scatter; None
+            chooses it per version by the leave-one-out likelihood of every image learned so far (model/head.py).
     """
 
     epochs: int = 10
@@ -146,7 +147,7 @@ class TrainConfig:
     seed: int = 1993
     min_steps: int = 60
     old_class_negatives: bool = True
-    ridge_ratio: float = 0.05
+    ridge_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -155,7 +156,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.covariance must be 'full' or 'diagonal', got {self.covariance!r}")
         if self.align_epochs < 0 or self.align_samples_per_class < 1:
             raise ValueError("TrainConfig.align_epochs must be >= 0 and align_samples_per_class >= 1")
-        if self.min_steps < 0 or not self.ridge_ratio > 0:
+        if self.min_steps < 0 or (self.ridge_ratio is not None and not self.ridge_ratio > 0):
             raise ValueError(
                 f"TrainConfig needs min_steps >= 0 and ridge_ratio > 0, got {self.min_steps}, {self.ridge_ratio}"
             )

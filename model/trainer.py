@@ -465,5 +465,5 @@ def _with_analytic_head(
     statistics = lineage.head_statistics or HeadStatistics.empty(inputs.shape[1])
     with torch.no_grad():
         statistics = statistics.add(inputs * scale, labels, learned.classifier.shape[0] - offset)
-        head = solve_head(statistics, scale, train.ridge_ratio, (inputs, labels + offset), previous)
+        head, statistics = solve_head(statistics, scale, (inputs, labels + offset), train.ridge_ratio, previous)
     return dataclasses.replace(learned, head=head, head_statistics=statistics)

@@ -151,11 +151,11 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
 
     def checkpoint(partial: dict[str, Any]) -> None:
         # Same files as the final report, marked incomplete, so a stopped run leaves its curves so far.
-        write_report(partial, Path(args.out), machine_description())
+        write_report(partial, Path(args.out), machine_description(), args.stream)
 
     result = run(preset, args.methods.split(","), progress, checkpoint, args.checkpoint_every)
     bar.close()
-    path = write_report(result, Path(args.out), machine_description())
+    path = write_report(result, Path(args.out), machine_description(), args.stream)
     print(markdown_table(result))  # noqa: T201 - the table is the command's output
     logger.info(
         "raw numbers in %s, plot in %s (%.0f s in all)", path, path.with_suffix(".png"), result["total_seconds"]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from model.head import AnalyticHead, HeadStatistics, fit_temperature, solve_head
+from model.head import RIDGE_GRID, AnalyticHead, HeadStatistics
 from model.network import CareModel
 from model.routers import RouterSource
 
@@ -38,12 +38,17 @@ def served_inputs(model: CareModel, routers: RouterSource, images: Tensor) -> Te
 
 
 def add_classes(
-    statistics: HeadStatistics, head: AnalyticHead, inputs: Tensor, labels: Tensor, num_new: int, ridge_ratio: float
+    statistics: HeadStatistics,
+    head: AnalyticHead,
+    inputs: Tensor,
+    labels: Tensor,
+    num_new: int,
+    ridge_ratio: float | None,
 ) -> tuple[HeadStatistics, AnalyticHead]:
     """`statistics` plus `num_new` classes (unscaled `inputs`, labels 0..num_new-1), and the head solved from them.
 
-    The new classes come after every class of `statistics`; the scale is the lineage's (`head.scale`), the
-    temperature is refitted on the new images' leave-one-out scores (the previous one when that is impossible).
+    The new classes come after every class of `statistics`; the scale is the lineage's (`head.scale`); ridge and
+    temperature are the lineage's current choice (see `solve_factored`).
     """
     with torch.no_grad():
         offset = statistics.num_classes
@@ -57,12 +62,11 @@ def rebuild(
     scale: Tensor,
     temperature: float,
     tasks: Sequence[tuple[Tensor, Tensor, int]],
-    ridge_ratio: float,
+    ridge_ratio: float | None,
 ) -> tuple[HeadStatistics, AnalyticHead]:
     """The head over the trained classes of `trained` followed by `tasks` ((unscaled inputs, labels, classes) each).
 
-    The temperature is refitted on the leave-one-out scores of every task's images; `temperature` is kept when
-    there are none (no task, or only single-image classes).
+    Ridge and temperature are the lineage's current choice (see `solve_factored`).
     """
     with torch.no_grad():
         statistics = trained
@@ -83,35 +87,21 @@ def rebuild(
 def solve_factored(
     statistics: HeadStatistics,
     scale: Tensor,
-    ridge_ratio: float,
+    ridge_ratio: float | None,
     calibration: tuple[Tensor, Tensor],
     previous_temperature: float,
 ) -> AnalyticHead:
-    """`model.head.solve_head` with one Cholesky factorisation of the scatter instead of three.
+    """The head of `statistics` from one Cholesky factorisation, with the lineage's current choice of ridge and
+    temperature (`HeadStatistics.choice`, from the leave-one-out evidence of every trained task).
 
-    The head and its leave-one-out temperature are those of `solve_head` (a test holds them equal); at 2704 inputs
-    a factorisation is about 0.5 s of one core, a third of the provisional path's solving. Falls back to
-    `solve_head` when round-off made the scatter indefinite.
+    `model.head.solve_head` also adds the new images' leave-one-out evidence, which costs one factorisation per
+    ridge on the grid (about 0.5 s each at 2704 inputs); a provisional head does without it, and the trained
+    version adds the task's evidence. `calibration` is not used: it is kept for the signature of `solve_head`.
     """
-    chol, info = torch.linalg.cholesky_ex(statistics.scatter(ridge_ratio))
-    if int(info) != 0:
-        return solve_head(statistics, scale, ridge_ratio, calibration, previous_temperature)
-    means = statistics.means()
-    weight = torch.cholesky_solve(means.T.contiguous(), chol)
-    bias = -0.5 * (means * weight.T).sum(dim=1)
-    inputs, labels = calibration
-    z = (inputs.double().cpu() * scale.double().cpu()) if len(inputs) else inputs.double().cpu()
-    labels = labels.cpu()
-    counts = statistics.class_counts[labels].double()
-    keep = counts > 1
-    z, labels, counts = z[keep], labels[keep], counts[keep]
-    temperature = previous_temperature
-    if len(z):
-        scores = z @ weight + bias
-        own_weight = (counts[:, None] * weight.T[labels] - torch.cholesky_solve(z.T.contiguous(), chol).T) / (
-            counts[:, None] - 1
-        )
-        own_mean = (counts[:, None] * means[labels] - z) / (counts[:, None] - 1)
-        scores[torch.arange(len(z)), labels] = (z * own_weight).sum(dim=1) - 0.5 * (own_mean * own_weight).sum(dim=1)
-        temperature = fit_temperature(scores, labels)
-    return AnalyticHead(scale, weight.float().to(scale.device), bias.float().to(scale.device), temperature)
+    del calibration
+    chosen = statistics.choice()
+    ratio, temperature = chosen if chosen is not None else (RIDGE_GRID[2], previous_temperature)
+    if ridge_ratio is not None:
+        ratio = ridge_ratio
+    weight, bias = statistics.solve(ratio)
+    return AnalyticHead(scale, weight.float().to(scale.device), bias.float().to(scale.device), temperature, ratio)

@@ -184,7 +184,9 @@ class FrozenHeadMethod:
         assert self.statistics is not None
         offset = self.statistics.num_classes
         self.statistics = self.statistics.add(inputs * scale, data.labels - offset, num_classes)
-        self.head = solve_head(self.statistics, scale, self.train.ridge_ratio, (inputs, data.labels), previous)
+        self.head, self.statistics = solve_head(
+            self.statistics, scale, (inputs, data.labels), self.train.ridge_ratio, previous
+        )
 
     def predict(self, data: TaskData) -> Tensor:
         return torch.cat([self.head.scores(c).argmax(dim=1) for c in data.head_inputs.split(CHUNK)])
@@ -434,9 +436,10 @@ def _encode_task(encode: _Encoder, task: Task, offset: int) -> tuple[TaskData, T
     return encode(task.train.images, train_labels), encode(task.test.images, test_labels)
 
 
-def write_report(result: dict[str, Any], out_dir: Path, meta: dict[str, object]) -> Path:
-    """JSON with every number, and a PNG of accuracy on all seen classes after each task."""
-    stream = result["stream"]["name"]
+def write_report(result: dict[str, Any], out_dir: Path, meta: dict[str, object], name: str | None = None) -> Path:
+    """JSON with every number, and a PNG of accuracy on all seen classes after each task (`accuracy_<name>.*`,
+    the stream's name by default)."""
+    stream = name or result["stream"]["name"]
     path = write_json(out_dir, f"accuracy_{stream}.json", meta, result)
     import matplotlib
 

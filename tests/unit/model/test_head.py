@@ -19,9 +19,9 @@ from model.head import (
 RIDGE = 0.1
 
 
-def blobs(classes: int, per_class: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def blobs(classes: int, per_class: int, dim: int, seed: int, spread: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    centres = torch.randn(classes, dim, generator=generator) * 2
+    centres = torch.randn(classes, dim, generator=generator) * spread
     labels = torch.arange(classes).repeat_interleave(per_class)
     return centres[labels] + torch.randn(len(labels), dim, generator=generator), labels
 
@@ -53,23 +53,35 @@ def test_accumulated_task_by_task_equals_a_direct_solve_on_all_data() -> None:
     assert statistics.class_counts.tolist() == [12] * 5
 
 
-def test_leave_one_out_scores_equal_a_refit_of_the_class_mean_without_the_image() -> None:
+def test_leave_one_out_scores_equal_a_refit_without_the_image() -> None:
     inputs, labels = blobs(3, 6, 5, seed=1)
     statistics = HeadStatistics.empty(5).add(inputs, labels, 3)
     scores, kept = statistics.leave_one_out_scores(RIDGE, inputs, labels)
     assert torch.equal(kept, labels)
-    scatter = statistics.scatter(RIDGE)
-    means = statistics.means()
+    full = statistics.scatter(RIDGE)
+    ridge = float(full[0, 0] - ((statistics.gram - statistics.means().T @ statistics.class_sums) / 18)[0, 0])
+    x = inputs.double()
     for i in (0, 7, 17):
-        own = int(labels[i])
-        mean = (means[own] * 6 - inputs[i].double()) / 5
-        weight = torch.linalg.solve(scatter, mean)
-        expected = inputs[i].double() @ weight - 0.5 * mean @ weight
-        assert float(scores[i, own]) == pytest.approx(float(expected), rel=1e-9, abs=1e-9)
-        other = (own + 1) % 3
-        full_weight, full_bias = statistics.solve(RIDGE)
-        expected_other = inputs[i].double() @ full_weight[:, other] + full_bias[other]
-        assert float(scores[i, other]) == pytest.approx(float(expected_other), rel=1e-9, abs=1e-9)
+        others = torch.arange(18) != i
+        # The head fitted on the 17 other images, with the full fit's ridge.
+        means = torch.stack([x[others & (labels == c)].mean(0) for c in range(3)])
+        centred = x[others] - means[labels[others]]
+        scatter = centred.T @ centred / 17 + ridge * torch.eye(5, dtype=torch.float64)
+        weight = torch.linalg.solve(scatter, means.T)
+        expected = x[i] @ weight - 0.5 * (means * weight.T).sum(1)
+        torch.testing.assert_close(scores[i], expected, rtol=1e-9, atol=1e-9)
+
+
+def test_leave_one_out_is_not_the_optimism_of_scoring_training_images() -> None:
+    # More dimensions than images: the fitted head separates its own training images perfectly, left-out ones not.
+    generator = torch.Generator().manual_seed(6)
+    inputs, labels = torch.randn(20, 50, generator=generator), torch.arange(20) % 2  # no signal at all
+    statistics = HeadStatistics.empty(50).add(inputs, labels, 2)
+    weight, bias = statistics.solve(0.01)
+    fitted = float(((inputs.double() @ weight + bias).argmax(1) == labels).float().mean())
+    scores, kept = statistics.leave_one_out_scores(0.01, inputs, labels)
+    left_out = float((scores.argmax(1) == kept).float().mean())
+    assert fitted == 1.0 and left_out <= 0.7
 
 
 def test_single_image_classes_are_left_out_of_calibration_and_keep_the_previous_temperature() -> None:
@@ -77,8 +89,8 @@ def test_single_image_classes_are_left_out_of_calibration_and_keep_the_previous_
     statistics = HeadStatistics.empty(4).add(inputs, labels, 2)
     scores, kept = statistics.leave_one_out_scores(RIDGE, inputs, labels)
     assert len(kept) == 0 and scores.shape == (0, 2)
-    head = solve_head(statistics, torch.ones(4), RIDGE, (inputs, labels), previous_temperature=0.7)
-    assert head.temperature == 0.7
+    head, after = solve_head(statistics, torch.ones(4), (inputs, labels), RIDGE, previous_temperature=0.7)
+    assert head.temperature == 0.7 and torch.equal(after.selection, statistics.selection)
     assert head.scores(inputs).argmax(1).tolist() == [0, 1]
 
 
@@ -98,7 +110,7 @@ def test_probabilities_sum_to_one_and_tensors_round_trip() -> None:
     inputs, labels = blobs(3, 5, 6, seed=4)
     scale = block_scales(inputs, [4, 2])
     statistics = HeadStatistics.empty(6).add(inputs * scale, labels, 3)
-    head = solve_head(statistics, scale, RIDGE, (inputs, labels))
+    head, statistics = solve_head(statistics, scale, (inputs, labels), RIDGE)
     probabilities = head.probabilities(inputs)
     torch.testing.assert_close(probabilities.sum(1), torch.ones(15))
     restored = AnalyticHead.from_tensors(head.to_tensors(), 3, "test")
@@ -108,6 +120,7 @@ def test_probabilities_sum_to_one_and_tensors_round_trip() -> None:
         AnalyticHead.from_tensors(head.to_tensors(), 4, "test")
     round_tripped = HeadStatistics.from_tensors(statistics.to_tensors())
     assert torch.equal(round_tripped.gram, statistics.gram)
+    assert torch.equal(round_tripped.selection, statistics.selection) and bool((statistics.selection > 0).any())
 
 
 def test_block_scales_weigh_every_block_alike_and_inputs_power_normalise_phi() -> None:
@@ -126,3 +139,20 @@ def test_bad_labels_are_refused() -> None:
         HeadStatistics.empty(4).add(inputs, labels, 1)
     with pytest.raises(ValueError, match="at least one image"):
         HeadStatistics.empty(4).add(inputs[:3], labels[:3], 2)
+
+
+def test_ridge_and_temperature_are_chosen_by_the_accumulated_leave_one_out_likelihood() -> None:
+    # Few noisy images in many dimensions want a strong ridge (nearest mean); many images in few dimensions, whose
+    # noise is strongly correlated, a weak one (the full Mahalanobis metric).
+    for (per_class, dim, spread), ridge in (((4, 60, 0.5), 3.0), ((80, 4, 2.0), 0.01)):
+        inputs, labels = blobs(4, per_class, dim, seed=7, spread=spread)
+        if dim == 4:
+            mixing = [[1.0, 0.9, 0.0, 0.0], [0.0, 0.3, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.1]]
+            inputs = inputs @ torch.tensor(mixing)
+        statistics = HeadStatistics.empty(dim)
+        for first in (0, 2):  # two tasks of two classes: evidence accumulates
+            rows = (labels >= first) & (labels < first + 2)
+            statistics = statistics.add(inputs[rows], labels[rows] - first, 2)
+            head, statistics = solve_head(statistics, torch.ones(dim), (inputs[rows], labels[rows]))
+        assert head.ridge_ratio == ridge, (per_class, dim, head.ridge_ratio)
+        assert statistics.choice() == (head.ridge_ratio, head.temperature)

@@ -1,5 +1,6 @@
-"""The provisional path's head algebra: one factorisation gives `solve_head`'s head, and classes added one task
-at a time give the statistics of adding them all at once."""
+"""The provisional path's head algebra: one factorisation gives `solve_head`'s head with the lineage's current
+choice of ridge and temperature, and classes added one task at a time give the statistics of adding them all at
+once."""
 
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ def test_one_factorisation_gives_the_head_of_solve_head() -> None:
     new, new_labels = _task(1, 2, 5, dim)
     statistics = HeadStatistics.empty(dim).add(old * scale, old_labels, 3).add(new * scale, new_labels, 2)
     calibration = (new, new_labels + 3)
-    expected = solve_head(statistics, scale, 0.05, calibration, 0.7)
-    got = solve_factored(statistics, scale, 0.05, calibration, 0.7)
+    # Without any leave-one-out evidence yet, the previous temperature stays.
+    assert solve_factored(statistics, scale, 0.05, calibration, 0.7).temperature == 0.7
+    # A trained version adds evidence; the provisional head then uses the same ridge and temperature.
+    expected, with_evidence = solve_head(statistics, scale, calibration, None, 0.7)
+    got = solve_factored(with_evidence, scale, None, calibration, 0.7)
     torch.testing.assert_close(got.weight, expected.weight, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got.bias, expected.bias, rtol=1e-5, atol=1e-5)
-    assert got.temperature == expected.temperature
-    # Without a usable calibration image, the previous temperature stays.
-    assert solve_factored(statistics, scale, 0.05, (new[:0], new_labels[:0]), 0.7).temperature == 0.7
+    assert (got.temperature, got.ridge_ratio) == (expected.temperature, expected.ridge_ratio)
 
 
 def test_adding_tasks_one_by_one_equals_rebuilding_them_together() -> None:
@@ -37,7 +39,7 @@ def test_adding_tasks_one_by_one_equals_rebuilding_them_together() -> None:
     scale = torch.rand(dim) + 0.5
     base, base_labels = _task(2, 2, 4, dim)
     trained = HeadStatistics.empty(dim).add(base * scale, base_labels, 2)
-    head = solve_head(trained, scale, 0.05, (base, base_labels), 1.0)
+    head, trained = solve_head(trained, scale, (base, base_labels), 0.05, 1.0)
     first, first_labels = _task(3, 2, 4, dim)
     second, second_labels = _task(4, 1, 3, dim)
     stepwise, _ = add_classes(trained, head, first, first_labels, 2, 0.05)
