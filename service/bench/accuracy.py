@@ -109,8 +109,8 @@ PRESETS: dict[str, Preset] = {
     "fmnist10x1": Preset("fmnist5", train_per_class=60, test_per_class=60, num_tasks=10, classes_per_task=1),
     # At 224 px the full glyph streams (1000 classes) do not fit a session here: their first tasks, fewer images.
     "glyphs100": Preset("glyphs100", train_per_class=6, test_per_class=3, num_tasks=15),
-    "glyphs300": Preset("glyphs300", train_per_class=6, test_per_class=3, num_tasks=40),
-    "glyphs40x1": Preset("glyphs300", train_per_class=8, test_per_class=4, num_tasks=40, classes_per_task=1),
+    "glyphs300": Preset("glyphs300", train_per_class=6, test_per_class=3, num_tasks=30),
+    "glyphs30x1": Preset("glyphs300", train_per_class=6, test_per_class=3, num_tasks=30, classes_per_task=1),
     "tiny": Preset("glyphs-tiny", image_size=64),
 }
 
