@@ -11,7 +11,7 @@ APT_PACKAGES := dataset-fashion-mnist fonts-noto-core docker-compose prometheus
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: help venv apt-deps serve worker test lint typecheck check-deploy bench-model bench-registry bench-accuracy \
-        bench-accuracy-glyphs100 bench-accuracy-glyphs300 bench-serve bench-train clean
+        bench-accuracy-glyphs100 bench-accuracy-glyphs300 bench-accuracy-one-class bench-serve bench-train clean
 
 help:
 	@echo "make serve   start the service on its embedded defaults at http://127.0.0.1:8000"
@@ -74,6 +74,11 @@ bench-accuracy-glyphs100: $(STAMP) apt-deps
 
 bench-accuracy-glyphs300: $(STAMP) apt-deps
 	$(BIN)/care-serve bench accuracy --stream glyphs300
+
+# One class per task: the common case of a user adding one class per upload.
+bench-accuracy-one-class: $(STAMP) apt-deps
+	$(BIN)/care-serve bench accuracy --stream fmnist10x1
+	$(BIN)/care-serve bench accuracy --stream glyphs20x1
 
 bench-serve: $(STAMP)
 	$(BIN)/care-serve bench serve

@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         "accuracy", help="the served classifier against CaRE, SimpleCIL and RanPAC on a class-incremental stream"
     )
     accuracy.add_argument(
-        "--stream", default="fmnist5", help="preset: fmnist5, fmnist10x1, glyphs100, glyphs300, glyphs30x1, tiny"
+        "--stream", default="fmnist5", help="preset: fmnist5, fmnist10x1, glyphs100, glyphs300, glyphs20x1, tiny"
     )
     accuracy.add_argument(
         "--methods",

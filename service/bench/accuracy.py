@@ -110,7 +110,7 @@ PRESETS: dict[str, Preset] = {
     # At 224 px the full glyph streams (1000 classes) do not fit a session here: their first tasks, fewer images.
     "glyphs100": Preset("glyphs100", train_per_class=6, test_per_class=3, num_tasks=15),
     "glyphs300": Preset("glyphs300", train_per_class=6, test_per_class=3, num_tasks=30),
-    "glyphs30x1": Preset("glyphs300", train_per_class=6, test_per_class=3, num_tasks=30, classes_per_task=1),
+    "glyphs20x1": Preset("glyphs300", train_per_class=6, test_per_class=3, num_tasks=20, classes_per_task=1),
     "tiny": Preset("glyphs-tiny", image_size=64),
 }
 
