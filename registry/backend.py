@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from registry.errors import LockTimeout
+from registry.owner import is_owner_tag, owner_tag, written_by_dead_local_process
 from registry.paths import LOCK_FILE, validate_relpath
 
 __all__ = ["FileStat", "LocalDirectoryBackend", "StagedFile", "StorageBackend", "is_temp_name"]
@@ -27,13 +28,22 @@ __all__ = ["FileStat", "LocalDirectoryBackend", "StagedFile", "StorageBackend", 
 logger = logging.getLogger(__name__)
 
 _LOCK_POLL_S = 0.01
-# Staged files are ".<final name>.<uuid4 hex>.tmp" beside their final name (see LocalDirectoryBackend.stage).
+# Staged files are ".<final name>.<owner tag>.<uuid4 hex>.tmp" beside their final name (LocalDirectoryBackend.stage);
+# the owner tag (registry/owner.py) lets a restart remove a dead writer's files at once.
 _TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
 
 
 def is_temp_name(name: str) -> bool:
     """Whether a file name is one of the backend's staged (not yet published) temporary files."""
     return _TEMP_NAME.fullmatch(name) is not None
+
+
+def temp_owner(name: str) -> str | None:
+    """The owner tag in a staged file's name (``.<final>.<tag>.<hex>.tmp``); None for names without one."""
+    if not is_temp_name(name):
+        return None
+    parts = name.removesuffix(".tmp").rsplit(".", 2)
+    return parts[1] if len(parts) == 3 and is_owner_tag(parts[1]) else None
 
 
 @dataclass(frozen=True)
@@ -182,7 +192,7 @@ class LocalDirectoryBackend:
         """
         final = self._resolve(relpath)
         self._make_dirs(final.parent)
-        temp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
+        temp = final.parent / f".{final.name}.{owner_tag()}.{uuid.uuid4().hex}.tmp"
         try:
             write(temp)
             # Published files are read by servers that may run as other users; some writers (safetensors'
@@ -221,7 +231,8 @@ class LocalDirectoryBackend:
         return found
 
     def sweep_temp_files(self, older_than_s: float) -> list[Path]:
-        """Remove staged files unchanged for ``older_than_s`` seconds: leftovers of publishers that died.
+        """Remove staged files left by publishers that died: at once when their writer was a process of this host
+        and pid namespace that no longer runs (the name says which), otherwise once unchanged for ``older_than_s``.
 
         A live publisher stages its files, then waits at most its lock timeout before renaming them, so keep
         ``older_than_s`` well above that (minutes): a younger temp file may belong to a publish in progress.
@@ -232,7 +243,7 @@ class LocalDirectoryBackend:
         now = time.time()
         removed = []
         for path, mtime in self.temp_files():
-            if now - mtime >= older_than_s:
+            if now - mtime >= older_than_s or written_by_dead_local_process(temp_owner(path.name)):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                     removed.append(path)

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from registry.owner import is_owner_tag, owner_tag, written_by_dead_local_process
 from service.jobs_errors import UploadCorrupt
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def stage_upload(
     Returns:
         The staging directory; the caller publishes it with ``publish_staged`` or removes it with ``remove_tree``.
     """
-    staging = uploads_dir / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
+    staging = uploads_dir / f"{STAGING_PREFIX}{owner_tag()}-{secrets.token_hex(8)}"
     staging.mkdir()
     try:
         image_dir = staging / IMAGES_DIR
@@ -149,11 +150,22 @@ def retire(path: Path) -> None:
     remove_tree(trash)
 
 
+def staging_owner(name: str) -> str | None:
+    """The owner tag in a staging directory's name (``.staging-<tag>-<hex>``); None for names without one."""
+    tag = name.removeprefix(STAGING_PREFIX).rpartition("-")[0]
+    return tag if name.startswith(STAGING_PREFIX) and is_owner_tag(tag) else None
+
+
 def stale_staging_dirs(uploads_dir: Path, older_than_s: float) -> Iterator[Path]:
-    """Staging directories whose last change (own or of their images/ folder) is older than ``older_than_s``."""
+    """Staging directories whose writer died: at once when it was a process of this host and pid namespace that no
+    longer runs (the name says which), otherwise once their last change (own or of their images/ folder) is older
+    than ``older_than_s``."""
     now = time.time()  # file times are host wall-clock time, whatever clock the store uses
     for entry in uploads_dir.iterdir():
         if not entry.name.startswith(STAGING_PREFIX):
+            continue
+        if written_by_dead_local_process(staging_owner(entry.name)):
+            yield entry
             continue
         try:
             # A submit in progress adds files to images/ (changing its mtime) long before it touches the top level.
