@@ -29,7 +29,8 @@ def owner_tag() -> str:
     return f"{_local_prefix()}p{os.getpid()}"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this pid namespace runs (a pid we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -47,7 +48,7 @@ def written_by_dead_local_process(tag: str | None) -> bool:
     if match is None or match.group(1) + match.group(2) != _local_prefix():
         return False
     pid = int(match.group(3))
-    return pid != os.getpid() and not _alive(pid)
+    return pid != os.getpid() and not process_alive(pid)
 
 
 def is_owner_tag(text: str) -> bool:

@@ -32,6 +32,7 @@ from model.head import HeadStatistics
 from model.network import CareModel
 from model.trainer import LearnedTask, Lineage, TrainProgress, embed_images, learn_task, served_features
 from registry import Manifest, Registry
+from registry.owner import process_alive
 from service.housekeeping import open_job_store
 from service.jobs import TaskNotFound, TaskRecord, make_owner_id
 from service.jobs_db import process_namespace
@@ -58,16 +59,6 @@ MAX_ATTEMPTS = 3  # a task whose trainer died this often (it may be what kills i
 
 class Stopped(Exception):
     """Training was interrupted because the worker is stopping or lost its lease."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class TrainingWorker:
@@ -107,7 +98,7 @@ class TrainingWorker:
             return  # another host or container: only its lease expiry can tell
         pid = int(pid_text)
         # Our own pid under another owner id is a predecessor whose pid we inherited (a restarted container).
-        if pid == os.getpid() or not _pid_alive(pid):
+        if pid == os.getpid() or not process_alive(pid):
             logger.warning("lease holder %s is dead; taking the lineage over", holder)
             self.jobs.release_lease(LEASE, holder)
 
