@@ -221,6 +221,7 @@ class CareMethod:
 
     def predict(self, data: TaskData) -> Tensor:
         assert self.lineage.bank is not None
+        self.probe = data  # the latest test images, for `expert_effect`
         model = CareModel(self.config, self.backbone, self.lineage.bank, self.lineage.classifier, self.lineage.head)
         return torch.cat(
             [
@@ -247,7 +248,30 @@ class CareMethod:
         return int(total)
 
     def details(self) -> dict[str, Any]:
-        return {"task_train_seconds": [round(seconds, 2) for seconds in self.task_seconds]}
+        return {"task_train_seconds": [round(seconds, 2) for seconds in self.task_seconds], **self.expert_effect()}
+
+    def expert_effect(self) -> dict[str, Any]:
+        """How much the experts change what the head reads, per site: mean |s| of the task experts' output scales,
+        and ||v_adapted - v_frozen|| / ||v_frozen|| of each site's pooled input (and of phi) on the latest test
+        images (a site's input carries every earlier site's adaptation)."""
+        bank, probe = self.lineage.bank, getattr(self, "probe", None)
+        if bank is None or probe is None:
+            return {}
+        model = CareModel(self.config, self.backbone, bank, self.lineage.classifier)
+        rows = probe.embedded[:CHUNK]
+        adapted_phi, adapted = model.features_and_site_vectors(rows, self.lineage.routers)
+        frozen: list[Tensor] = []
+        with torch.no_grad():
+            frozen_phi = run_sites(self.backbone, rows, _no_adapter, frozen)
+
+        def change(new: Tensor, old: Tensor) -> float:
+            return round(float(((new - old).norm(dim=1) / old.norm(dim=1).clamp_min(1e-12)).mean()), 5)
+
+        return {
+            "expert_scale_abs_mean": [round(float(site.experts.scale.abs().mean()), 5) for site in bank.sites],
+            "site_input_change": [change(a, f) for a, f in zip(adapted, frozen, strict=True)],
+            "feature_change": change(adapted_phi, frozen_phi),
+        }
 
 
 class PeakRss:

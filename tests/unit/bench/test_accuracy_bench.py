@@ -51,6 +51,10 @@ def test_accuracy_bench_runs_every_method_on_a_tiny_stream(tmp_path: Path) -> No
     for care in ("served", "care-reference", "care-m1"):
         assert result["methods"][care]["learn_seconds"] > 0
         assert len(result["methods"][care]["task_train_seconds"]) == 2
+        # Trained experts move the features (a zero change would mean they are inert), one value per site.
+        method = result["methods"][care]
+        assert len(method["expert_scale_abs_mean"]) == len(method["site_input_change"]) > 1
+        assert method["feature_change"] > 0 and method["site_input_change"][-1] > 0
     # The frozen head keeps its statistics: a D' x D' Gram matrix of float64 (test_vit: phi and every block, 64 each).
     assert result["methods"]["head-frozen"]["state_bytes"] >= 8 * (2 * 64) ** 2
     assert len(result["methods"]["ranpac"]["selected_ridges"]) == 2
