@@ -94,19 +94,18 @@ def main() -> int:
             back_to_back = measured[:-1] if args.late else measured
             posted = [post_task(url, task) for task in back_to_back]
             late_id = None
-            if args.late:
-                while True:  # the first posted task is training (past its first steps): post the last one now
-                    body = httpx.get(f"{url}/tasks/{posted[0][0]}", timeout=10).json()
-                    if body["status"] == "training" and (body["progress"] or {}).get("step", 0) >= 1:
-                        break
-                    time.sleep(0.2)
-                posted.append(post_task(url, measured[-1]))
-                late_id = posted[-1][0]
             latency: dict[str, float] = {}
-            probes = {t: (task, task.test.images[:PROBES]) for (t, _), task in zip(posted, measured, strict=True)}
+            probes = {t: (task, task.test.images[:PROBES]) for (t, _), task in zip(posted, back_to_back, strict=True)}
             started = dict(posted)
             provisional_answer: dict[str, bool] = {}
-            while len(latency) < len(posted):
+            while len(latency) < len(posted) or (args.late and late_id is None):
+                if args.late and late_id is None:  # post the last task once the first posted one is training
+                    body = httpx.get(f"{url}/tasks/{posted[0][0]}", timeout=10).json()
+                    if body["status"] == "training" and (body["progress"] or {}).get("step", 0) >= 1:
+                        posted.append(post_task(url, measured[-1]))
+                        late_id = posted[-1][0]
+                        probes[late_id] = (measured[-1], measured[-1].test.images[:PROBES])
+                        started[late_id] = posted[-1][1]
                 for task_id, (task, images) in probes.items():
                     if task_id in latency:
                         continue
