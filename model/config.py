@@ -129,6 +129,8 @@ class TrainConfig:
             images at batch 16 already trains 130 steps in 10 epochs; a one-class task of 30 images gets 30 epochs.
         old_class_negatives: Train the new classes against the (fixed) classifier rows of every earlier class as
             well, not only against each other, so a one-class task has a contrast to learn from (CaRE: off).
+        expert_scale_init: Initial per-channel output scale of a new task's experts (CaRE: 0, the adapted model starts
+            as the pre-trained one; with 0 the experts' other weights get no gradient until the scale has grown).
         ridge_ratio: A fixed ridge of the analytic head, as a fraction of the mean eigenvalue of its scatter; None
             chooses it per version by the leave-one-out likelihood of every image learned so far (model/head.py).
     """
@@ -148,6 +150,7 @@ class TrainConfig:
     min_steps: int = 60
     old_class_negatives: bool = True
     ridge_ratio: float | None = None
+    expert_scale_init: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:

@@ -206,6 +206,12 @@ class _TaskTrainer:
             # the same angular change at any feature dimension.
             self.block.copy_(F.normalize(self.block, dim=1))
         self.old_classifier = lineage.classifier
+        if train.expert_scale_init:
+            # The first experts (later ones start from the mean of earlier ones): a non-zero output scale gives
+            # their other weights a gradient from the first step (CaRE's zero scale gives them none until it grows).
+            with torch.no_grad():
+                for site in range(self.task.num_sites):
+                    self.task.expert(site).scale.fill_(train.expert_scale_init)
         self._init_expert_from_mean()
         live = [(self.task.router(s).weight, self.task.router(s).bias) for s in range(self.task.num_sites)]
         self.routers = _WithLiveRouters(lineage.routers, self.index, live)

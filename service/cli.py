@@ -110,7 +110,12 @@ def _train_options(train: object, options: Sequence[str]) -> dict[str, Any]:
         if name not in known or not text:
             raise SystemExit(f"--train-option {option!r}: use NAME=VALUE with NAME one of {', '.join(sorted(known))}")
         current = getattr(train, name)
-        changes[name] = text if isinstance(current, str) else type(current)(text)
+        if isinstance(current, bool):
+            changes[name] = text.lower() in ("1", "true", "yes", "on")
+        elif current is None:  # optional numbers (ridge_ratio): None means "chosen", a value fixes it
+            changes[name] = float(text)
+        else:
+            changes[name] = text if isinstance(current, str) else type(current)(text)
     return changes
 
 

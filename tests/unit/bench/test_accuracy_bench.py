@@ -76,6 +76,11 @@ def test_train_options_parse_as_the_field_types() -> None:
         "align_epochs": 10,
         "lr": 0.005,
     }
+    assert _train_options(train, ["ridge_ratio=0.3", "old_class_negatives=false", "expert_scale_init=1"]) == {
+        "ridge_ratio": 0.3,
+        "old_class_negatives": False,
+        "expert_scale_init": 1.0,
+    }
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         _train_options(train, ["no_such_field=1"])
     args = build_parser().parse_args(["bench", "accuracy", "--train-option", "covariance=diagonal"])
