@@ -15,13 +15,18 @@ import socket
 _TAG = re.compile(r"([0-9a-f]{8})([0-9a-f]+)p([0-9]+)")
 
 
+def pid_namespace() -> int:
+    """The inode of this process's pid namespace (0 where /proc does not say): processes with the same one, on
+    the same host, see each other's pids."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def _local_prefix() -> str:
     host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-    try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        namespace = 0
-    return f"{host}{namespace:x}"
+    return f"{host}{pid_namespace():x}"
 
 
 def owner_tag() -> str:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from registry.owner import pid_namespace
 from service.jobs_errors import InvalidTransition, JobStoreError, LabelConflict, QueueFull, TaskNotFound
 
 logger = logging.getLogger(__name__)
@@ -75,11 +76,7 @@ def process_namespace() -> str:
 
     Two owner ids with the same namespace refer to processes that can see each other's pids.
     """
-    try:
-        namespace = os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        namespace = 0
-    return f"{socket.gethostname()}-{namespace}"
+    return f"{socket.gethostname()}-{pid_namespace()}"
 
 
 def make_owner_id() -> str:
