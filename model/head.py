@@ -177,10 +177,12 @@ class HeadStatistics:
         ridged = self.scatter(ridge_ratio)
         ridge = ridged.diagonal() - ((self.gram - means.T @ self.class_sums) / total).diagonal()
         system = (ridged - torch.diag(ridge)) * (total / (total - 1)) + torch.diag(ridge)
-        weight = _solve_spd(system, means.T.contiguous())  # (D, C): B^-1 mu_k
         u = z - means[labels]
-        solved = _solve_spd(system, torch.cat([u, z]).T.contiguous()).T
-        a, pz = solved[: len(z)], solved[len(z) :]  # B^-1 u, B^-1 z
+        # One factorisation for every right-hand side: B^-1 mu_k, B^-1 u, B^-1 z.
+        solved = _solve_spd(system, torch.cat([means, u, z]).T.contiguous()).T
+        classes = len(means)
+        weight = solved[:classes].T  # (D, C)
+        a, pz = solved[classes : classes + len(z)], solved[classes + len(z) :]
         beta = n / ((n - 1) * (total - 1))
         gamma = beta / (1 - beta * (u * a).sum(dim=1, keepdim=True))  # Sherman-Morrison factor
         # Other classes: s_k = z^T A' mu_k - mu_k^T A' mu_k / 2 with A' = B^-1 + gamma a a^T.
