@@ -34,7 +34,7 @@ from torch import Tensor
 
 from model.backbone import WEIGHTS_BUNDLED, SiteBackbone, build_backbone, bundled_weights_available, make_transform
 from model.config import ModelConfig, TrainConfig
-from model.head import HeadStatistics, block_scales, head_inputs, solve_head
+from model.head import AnalyticHead, HeadStatistics, block_scales, head_inputs, solve_head
 from model.network import CareModel, run_sites
 from model.trainer import Lineage, advance, embed_images, head_block_dims, learn_task_embedded
 from service.bench.baselines import RanPAC, SimpleCIL
@@ -171,7 +171,7 @@ class FrozenHeadMethod:
         self.block_dims = block_dims
         self.train = train
         self.statistics: HeadStatistics | None = None
-        self.head: Any = None
+        self.head: AnalyticHead | None = None
 
     def learn(self, data: TaskData, num_classes: int) -> None:
         inputs = data.head_inputs
@@ -189,10 +189,12 @@ class FrozenHeadMethod:
         )
 
     def predict(self, data: TaskData) -> Tensor:
-        return torch.cat([self.head.scores(c).argmax(dim=1) for c in data.head_inputs.split(CHUNK)])
+        assert self.head is not None
+        head = self.head
+        return torch.cat([head.scores(c).argmax(dim=1) for c in data.head_inputs.split(CHUNK)])
 
     def state_bytes(self) -> int:
-        assert self.statistics is not None
+        assert self.statistics is not None and self.head is not None
         tensors = [*self.statistics.to_tensors().values(), *self.head.to_tensors().values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 

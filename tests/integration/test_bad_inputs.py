@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import tarfile
 from typing import Any
 
 import pytest
@@ -13,6 +12,7 @@ from PIL import Image
 from service.settings import Settings
 from service.worker import TrainingWorker
 from tests.integration.conftest import png, task_files, updated, wait_for, wait_ready
+from tests.unit.service.test_uploads import gnu_tar
 
 GOOD = png((10, 200, 10))
 
@@ -126,17 +126,6 @@ def test_too_many_predict_images_and_body_limits(
     assert client.post("/predict", files=files[:2]).status_code == 200
     files, labels = task_files(["big1", "big2"], per_class=40)
     check_envelope(client.post("/tasks", files=files, data={"labels": labels}), 413, "too_large")
-
-
-def gnu_tar(entries: dict[str, bytes]) -> bytes:
-    """A GNU-format tar with names written as raw bytes (a lone surrogate "\\udcXX" in a name becomes byte 0xXX)."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT, errors="surrogateescape") as archive:
-        for path, data in entries.items():
-            info = tarfile.TarInfo(path)
-            info.size = len(data)
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 HOSTILE: dict[str, tuple[dict[str, Any], str]] = {
