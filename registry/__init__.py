@@ -1,6 +1,8 @@
 """care-serve registry: immutable, numbered versions of safetensors files described by JSON manifests.
 
 Generic on purpose: it stores tensors and manifests and knows nothing of the model or the HTTP service.
+``RegistryReader`` is the read side (current version, manifests, records, verification, tensor reads);
+``Registry`` is a ``RegistryReader`` that also publishes. Publishing builds on reading, never the reverse.
 """
 
 from registry.backend import FileStat, LocalDirectoryBackend, StagedFile, StorageBackend
@@ -28,6 +30,7 @@ from registry.manifest import (
     parse_manifest,
 )
 from registry.paths import task_file_path, validate_relpath, version_file_path
+from registry.reader import RegistryReader
 from registry.store import Registry
 from registry.tensors import KeySelection, TensorFile
 from registry.watch import VersionSource, VersionWatcher
@@ -49,6 +52,7 @@ __all__ = [
     "PublishConflict",
     "Registry",
     "RegistryError",
+    "RegistryReader",
     "StagedFile",
     "StorageBackend",
     "TaskRecord",

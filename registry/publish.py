@@ -1,5 +1,8 @@
 """The publish transaction: stage new files, then under the lock compare-and-swap, commit, write manifest, move pointer.
 
+Publishing builds on the read side (:class:`registry.reader.RegistryReader`: the current version, the parent's
+manifest, the records of published files); the read side never imports this module.
+
 Order of visibility (each step is temp file -> fsync -> rename -> fsync directory):
 
 1. new task/version files and the trainer state, staged as dot files *outside* the lock (the slow part);
@@ -17,19 +20,17 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from registry.backend import StagedFile, StorageBackend
 from registry.errors import ArtifactExists, IncompatibleArtifact, PublishConflict
 from registry.hashing import config_fingerprint, sha256_file
 from registry.manifest import SCHEMA_VERSION, FileRecord, Manifest, TaskRecord, TrainerStateRecord, normalize_config
 from registry.paths import CURRENT_FILE, trainer_state_path, validate_relpath
+from registry.reader import RegistryReader
 from registry.tensors import TensorFile, write_tensor_file
-
-if TYPE_CHECKING:
-    from registry.backend import StagedFile, StorageBackend
-    from registry.store import Registry
 
 __all__ = ["publish_version"]
 
@@ -100,8 +101,9 @@ def _commit(backend: StorageBackend, staged: dict[str, StagedFile], relpath: str
 
 
 def publish_version(
-    registry: Registry,
+    reader: RegistryReader,
     *,
+    lock_timeout_s: float,
     parent: int | None,
     backbone: str,
     model_config: Mapping[str, Any],
@@ -111,13 +113,17 @@ def publish_version(
     trainer_state: TensorFile | Mapping[str, torch.Tensor] | None,
     extra: Mapping[str, Any],
 ) -> Manifest:
-    """Publish version ``(parent or 0) + 1`` of ``registry``; the arguments are those of ``Registry.publish``."""
+    """Publish version ``(parent or 0) + 1`` into the registry that ``reader`` reads.
+
+    ``lock_timeout_s`` bounds the wait for a concurrent publisher; the other arguments are those of
+    ``Registry.publish``.
+    """
     if parent is not None and (isinstance(parent, bool) or not isinstance(parent, int) or parent < 1):
         raise ValueError(f"parent must be None (first version) or a version number >= 1, got {parent!r}")
-    backend = registry.backend
+    backend = reader.backend
     version = (parent or 0) + 1
-    _check_parent(parent, registry.current_version())  # fail fast, before writing anything; re-checked under lock
-    parent_manifest = registry.load_manifest(parent) if parent is not None else None
+    _check_parent(parent, reader.current_version())  # fail fast, before writing anything; re-checked under lock
+    parent_manifest = reader.load_manifest(parent) if parent is not None else None
     config = normalize_config(model_config)
     fingerprint = config_fingerprint(config)
     if parent_manifest is not None:
@@ -154,10 +160,10 @@ def publish_version(
             extra=dict(extra),
         )
         manifest_bytes = manifest.to_json()
-        with backend.lock(registry.lock_timeout_s):
-            _check_parent(parent, registry.current_version())
+        with backend.lock(lock_timeout_s):
+            _check_parent(parent, reader.current_version())
             for relpath, record in new_records.items():
-                published = registry.find_record(relpath)
+                published = reader.find_record(relpath)
                 if published is None:
                     continue
                 if published != record:
