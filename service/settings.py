@@ -67,7 +67,9 @@ class Settings(BaseSettings):
     max_queue_images: int = Field(256, ge=1, description="Images waiting for inference before 429 overloaded.")
     max_predict_images: int = Field(64, ge=1, description="Images in one /predict request.")
     serve_threads: int = Field(default_factory=lambda: max(1, _cpus() // 2), ge=1, description="Torch threads.")
-    poll_interval_s: float = Field(1.0, gt=0, description="How often servers look for new registry versions.")
+    poll_interval_s: float = Field(
+        0.25, gt=0, description="How often servers look for new registry versions (a read of one small file)."
+    )
 
     # Learning
     run_worker: bool = Field(True, description="`care-serve serve` starts (and restarts) a training worker.")
@@ -80,7 +82,7 @@ class Settings(BaseSettings):
     train_seed: int = 1993
     train_min_steps: int = Field(TrainConfig.min_steps, ge=0, description="Fewest optimiser steps a task trains.")
     worker_lease_ttl_s: float = Field(30.0, gt=0, description="A dead worker's lease expires after this.")
-    worker_poll_s: float = Field(0.5, gt=0, description="How often an idle worker looks for queued tasks.")
+    worker_poll_s: float = Field(0.25, gt=0, description="How often an idle worker looks for queued tasks.")
     provisional: bool = Field(
         True,
         description="Serve a queued task's classes from a provisional version (closed-form head) before training.",
@@ -93,7 +95,7 @@ class Settings(BaseSettings):
     provisional_threads: int = Field(
         0,
         ge=0,
-        description="Torch threads of the worker while it makes a task provisional (0: as many as training).",
+        description="Torch threads of the worker while it makes a task provisional (0: every CPU it may use).",
     )
 
     # Uploads

@@ -76,14 +76,21 @@ def main() -> int:
     parser.add_argument(
         "--late", action="store_true", help="post the last task only once the first posted one is training"
     )
+    parser.add_argument("--classes-per-task", type=int, help="glyph streams only: classes in each task")
+    parser.add_argument("--logs", type=Path, help="keep the server's log here")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    stream = make_stream(args.stream, seed=0, train_per_class=args.train_per_class, test_per_class=args.test_per_class)
+    shape = {} if args.classes_per_task is None else {"classes_per_task": args.classes_per_task}
+    stream = make_stream(
+        args.stream, seed=0, train_per_class=args.train_per_class, test_per_class=args.test_per_class, **shape
+    )
     tasks = list(stream.tasks)[: args.tasks]
     with tempfile.TemporaryDirectory(prefix="bench-provisional-") as tmp:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = start_server("server", port, base_env(data_dir=f"{tmp}/data", device="cpu"), Path(tmp))
+        logs = args.logs or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        server = start_server("server", port, base_env(data_dir=f"{tmp}/data", device="cpu"), logs)
         try:
             first, _ = post_task(url, tasks[0])
             trained_first = wait_status(url, first, ("ready", "failed"))
