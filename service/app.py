@@ -15,7 +15,7 @@ from service.errors import install_error_handlers
 from service.housekeeping import Housekeeper
 from service.settings import Settings
 from service.state import AppState, build_state
-from service.supervisor import WorkerSupervisor
+from service.training.supervisor import WorkerSupervisor
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from service.allocator import tune_allocator
+from service.inference.allocator import tune_allocator
 from service.settings import Settings
 
 logger = logging.getLogger("care_serve")
@@ -62,7 +62,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _serve(args: argparse.Namespace) -> int:
     from service.app import create_app
-    from service.guard import serve
+    from service.ingest.guard import serve
 
     settings = _settings(args)
     if args.no_worker:
@@ -72,7 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from service.worker import run_worker
+    from service.training.worker import run_worker
 
     return run_worker(_settings(args))
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from registry import LocalDirectoryBackend
 from service.jobs import JobStore
-from service.jobs_uploads import STAGING_PREFIX
+from service.jobs.uploads import STAGING_PREFIX
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)

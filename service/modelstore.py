@@ -1,7 +1,9 @@
 """The registry in the model's terms: publishing learned tasks and reading them back.
 
 `model/` knows tensors and modules, `registry/` knows files and manifests; this module is where the two meet
-(the import contract keeps them apart). Layout of one version's files:
+(the import contract keeps them apart). The server reads versions through it (`service.inference.snapshot`), the
+worker publishes and continues them (`service.training.worker`): it sits below both, and reads routers on demand
+through `service.routers`. Layout of one version's files:
 
     tasks/{index:04d}-{task_id}/experts.safetensors   experts + perceptrons of a task   (resident when served)
     tasks/{index:04d}-{task_id}/routers.safetensors   routers of a task                  (loaded through the cache)
@@ -22,9 +24,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,19 +36,15 @@ from model.backbone import SiteBackbone
 from model.bank import ExpertBank
 from model.config import ModelConfig
 from model.head import AnalyticHead, HeadStatistics
-from model.routers import TaskRouters
 from model.trainer import LearnedTask, Lineage
 from registry import Manifest, Registry, TaskRecord, check_compatible, task_file_path, version_file_path
-from service.router_cache import TieredLRUCache
+from service.routers.source import ROLE_ROUTERS, CachedRouters, RouterCache
 
 logger = logging.getLogger(__name__)
 
 ROLE_EXPERTS = "experts"
-ROLE_ROUTERS = "routers"
 ROLE_SHARED = "shared"
 ROLE_CLASSIFIER = "classifier"
-
-RouterCache = TieredLRUCache[str, TaskRouters]
 
 EXTRA_PROVISIONAL = "provisional"  # manifest.extra: the head-only tasks, in head order after the trained ones
 EXTRA_HEAD_STATE = "head_state_version"  # manifest.extra: the version whose trainer state has the trained head.*
@@ -115,80 +112,6 @@ def _provisional_state(provisional: ProvisionalHead) -> dict[str, Tensor]:
         f"{STATE_PROVISIONAL}.{key}": value.detach().cpu().contiguous()
         for key, value in provisional.statistics.to_tensors().items()
     }
-
-
-def normal_tensors() -> AbstractContextManager[None]:
-    """Create tensors that autograd accepts, even when the caller runs under `torch.inference_mode`.
-
-    The router cache is shared by every pass of a process: in the worker, the train-accuracy and serving passes
-    (inference mode) and the next task's training steps (autograd) read the same cached routers. A tensor created
-    under inference mode is an "inference tensor" that autograd refuses to save for backward, so whatever enters
-    the cache is created outside it (no_grad still applies: nothing here records a graph).
-    """
-    return cast(AbstractContextManager[None], torch.inference_mode(False))
-
-
-def router_bytes(routers: TaskRouters) -> int:
-    """Bytes a task's routers occupy (every site)."""
-    return sum(w.numel() * w.element_size() + b.numel() * b.element_size() for w, b in routers)
-
-
-def new_router_cache(
-    device: torch.device,
-    device_capacity_bytes: int | None,
-    host_capacity_bytes: int = 0,
-    **hooks: Any,
-) -> RouterCache:
-    """A router cache that keeps its device tier on `device` and its host tier in (pinned, on CUDA) host memory."""
-
-    def to_device(routers: TaskRouters) -> TaskRouters:
-        # The loader reads files into memory of our own (Registry.load_tensors), so on a CPU this moves nothing.
-        with normal_tensors():
-            return [(w.to(device), b.to(device)) for w, b in routers]
-
-    def to_host(routers: TaskRouters) -> TaskRouters:
-        if device.type == "cuda":
-            with normal_tensors():
-                return [(w.cpu().pin_memory(), b.cpu().pin_memory()) for w, b in routers]
-        return routers
-
-    return TieredLRUCache(
-        size_of=router_bytes,
-        device_capacity_bytes=device_capacity_bytes,
-        host_capacity_bytes=host_capacity_bytes,
-        to_device=to_device,
-        to_host=to_host,
-        **hooks,
-    )
-
-
-class CachedRouters:
-    """A `RouterSource` over one version's tasks, reading routers through the shared cache.
-
-    The cache key is the routers file's sha256, so a task's routers stay cached across versions (files are
-    immutable and reused by every later version).
-    """
-
-    def __init__(self, registry: Registry, manifest: Manifest, site_dims: list[int], cache: RouterCache) -> None:
-        self._registry = registry
-        self._site_dims = site_dims
-        self._cache = cache
-        self._entries = [
-            (manifest.files[task.files[ROLE_ROUTERS]].sha256, task.files[ROLE_ROUTERS]) for task in manifest.tasks
-        ]
-
-    def hold(self, task: int) -> AbstractContextManager[TaskRouters]:
-        key, path = self._entries[task]
-        return self._cache.hold(key, lambda: self._load(task, path))
-
-    def _load(self, task: int, path: str) -> TaskRouters:
-        with normal_tensors(), torch.no_grad():
-            tensors = self._registry.load_tensors(path)
-            return artifacts.routers_from_tensors(tensors, task, self._site_dims, path)
-
-    def total_bytes(self) -> int:
-        """Bytes of every task's routers in float32: what an uncapped cache would hold (task t: t x (d + 1) a site)."""
-        return sum((task + 1) * (dim + 1) * 4 for task in range(len(self._entries)) for dim in self._site_dims)
 
 
 @dataclass(frozen=True)

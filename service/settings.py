@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     max_label_length: int = Field(64, ge=1)
     max_queued_tasks: int = Field(100, ge=1)
 
-    # Slow and concurrent requests (service/guard.py)
+    # Slow and concurrent requests (service/ingest/guard.py)
     header_timeout_s: float = Field(
         10.0, gt=0, description="Request line and headers must arrive within this; else 408 and the connection closes."
     )

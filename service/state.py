@@ -1,92 +1,31 @@
-"""Everything a running server holds, built once in the lifespan and torn down in reverse order."""
+"""The composition root: everything a running server holds, built once in the lifespan and torn down in reverse
+order. The parts live in their packages (inference, ingest, jobs, routers); this module only puts them together."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import torch
-from PIL import Image
-from torch import Tensor
 
-from model.backbone import SiteBackbone, build_backbone, make_transform
+from model.backbone import SiteBackbone, make_transform
 from model.config import ModelConfig
 from registry import Registry, VersionWatcher
-from service.batcher import MicroBatcher
-from service.decode_pool import PreprocessPool, default_workers
-from service.errors import ApiError
-from service.images import decode_image
+from service.inference.backbone import load_backbone
+from service.inference.batcher import MicroBatcher
+from service.inference.preprocess import Preprocessor, PreprocessPool, default_workers
+from service.inference.snapshot import CurrentModel, ServedModel, SnapshotLoader
+from service.ingest.uploads import UploadLimits, upload_limits
 from service.jobs import JobStore
 from service.metrics import JobSnapshot, Metrics
-from service.modelstore import ModelStore, RouterCache, new_router_cache
+from service.modelstore import ModelStore
+from service.routers.source import RouterCache, new_router_cache
 from service.settings import Settings
-from service.snapshot import CurrentModel, ServedModel, SnapshotLoader
-from service.uploads import UploadLimits
 
 logger = logging.getLogger(__name__)
-
-
-def resolved_model_config(settings: Settings, backbone: SiteBackbone) -> ModelConfig:
-    """The settings' model configuration with defaults made explicit (sites, image size).
-
-    A registry records the explicit form, so it keeps loading even if a later release changes a default.
-    """
-    size = settings.image_size or int(backbone.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-    return dataclasses.replace(settings.model(), sites=tuple(backbone.site_names), image_size=size)
-
-
-def load_backbone(settings: Settings) -> tuple[ModelConfig, SiteBackbone]:
-    """Build the frozen backbone on the configured device; returns it with the resolved model configuration."""
-    backbone = build_backbone(settings.model(), settings.backbone_weights)
-    backbone.to(settings.torch_device())
-    return resolved_model_config(settings, backbone), backbone
-
-
-def upload_limits(settings: Settings) -> UploadLimits:
-    return UploadLimits(
-        max_body_bytes=settings.max_upload_bytes,
-        max_images=settings.max_images_per_task,
-        max_image_bytes=settings.max_image_bytes,
-        max_image_pixels=settings.max_image_pixels,
-        max_label_length=settings.max_label_length,
-        min_images_per_class=settings.min_images_per_class,
-        max_predict_images=settings.max_predict_images,
-    )
-
-
-class Preprocessor:
-    """Decodes uploaded images and applies the backbone's evaluation transform (CPU-bound: run off the event loop)."""
-
-    def __init__(self, transform: Callable[[Image.Image], Tensor], limits: UploadLimits, device: torch.device):
-        self.transform = transform
-        self.limits = limits
-        self.device = device
-
-    def __call__(self, files: Sequence[tuple[str, bytes]]) -> Tensor:
-        problems: list[dict[str, Any]] = []
-        tensors: list[Tensor] = []
-        for index, (name, data) in enumerate(files):
-            try:
-                tensors.append(self.transform(decode_image(name, data, self.limits)))
-            except ApiError as error:
-                if error.status == 413:
-                    raise
-                problems.append({"index": index, "name": name, "reason": error.message})
-        if problems:
-            raise ApiError(
-                422,
-                "invalid_image",
-                f"{len(problems)} of {len(files)} images could not be decoded; send PNG, JPEG, WebP, GIF, BMP or TIFF "
-                "images",
-                {"images": problems},
-            )
-        return torch.stack(tensors).to(self.device)
 
 
 def job_snapshot(jobs: JobStore) -> JobSnapshot:

@@ -54,7 +54,7 @@ from registry import Registry
 from service.bench.synthetic import populate
 from service.modelstore import ModelStore
 from service.settings import Settings
-from service.state import load_backbone
+from service.inference.backbone import load_backbone
 settings = Settings(data_dir=Path(sys.argv[1]), **{k: v for k, v in (a.split("=", 1) for a in sys.argv[2:])})
 config, backbone = load_backbone(settings)
 store = ModelStore(Registry.from_path(settings.registry_dir), config, backbone, torch.device("cpu"))

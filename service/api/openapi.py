@@ -1,7 +1,7 @@
 """The published OpenAPI document as the contract: request bodies, every error status with its envelope, auth.
 
 FastAPI derives a document from the route signatures, but the upload routes read their bodies themselves
-(``service.uploads``), errors use our envelope rather than FastAPI's ``{"detail"}``, and auth is a dependency it
+(``service.ingest.uploads``), errors use our envelope rather than FastAPI's ``{"detail"}``, and auth is a dependency it
 cannot see. The routes declare their bodies and error statuses with the constants below (``openapi_extra=``,
 ``responses=``); ``install_openapi`` then fixes what is global: every 422 shows the envelope, the security schemes
 exist, and operations name the credentials this server's configuration actually requires.

@@ -9,8 +9,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api import openapi
 from service.api.deps import StateDep
+from service.api.schemas import ModelPublic, RouterCachePublic
 from service.errors import ApiError
-from service.schemas import ModelPublic, RouterCachePublic
 
 router = APIRouter()
 

@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from service.api import openapi
 from service.api.deps import StateDep, require_api_key
+from service.api.schemas import ImagePrediction, PredictResponse, ScoredLabel
 from service.errors import ApiError
-from service.schemas import ImagePrediction, PredictResponse, ScoredLabel
-from service.uploads import read_predict_images
+from service.ingest.uploads import read_predict_images
 
 router = APIRouter()
 

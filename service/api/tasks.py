@@ -9,12 +9,12 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 
 from service.api import openapi
 from service.api.deps import StateDep, require_admin
+from service.api.schemas import TaskAccepted, TaskPublic
 from service.errors import ApiError
-from service.images import validate_images
+from service.ingest.images import validate_images
+from service.ingest.uploads import TaskUpload, read_task_upload
 from service.jobs import IdempotencyKeyReused, LabelConflict, QueueFull, TaskNotFound, TaskRecord
-from service.schemas import TaskAccepted, TaskPublic
 from service.state import AppState
-from service.uploads import TaskUpload, read_task_upload
 
 router = APIRouter(dependencies=[Depends(require_admin)])
 

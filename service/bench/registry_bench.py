@@ -28,8 +28,9 @@ from model.config import ModelConfig
 from registry import Registry
 from service.bench.report import write_json
 from service.bench.synthetic import key_images, populate
-from service.modelstore import CachedRouters, ModelStore, new_router_cache
-from service.snapshot import ServedModel, SnapshotLoader
+from service.inference.snapshot import ServedModel, SnapshotLoader
+from service.modelstore import ModelStore
+from service.routers.source import CachedRouters, new_router_cache
 
 logger = logging.getLogger(__name__)
 

@@ -60,10 +60,13 @@ from service.bench.model_bench import time_call
 from service.bench.registry_bench import Mix
 from service.bench.report import write_json
 from service.bench.synthetic import key_images, keyed_learned_tasks
-from service.modelstore import ModelStore, NewTask, new_router_cache
+from service.inference.backbone import load_backbone
+from service.inference.preprocess import Preprocessor
+from service.inference.snapshot import ServedModel, SnapshotLoader
+from service.ingest.uploads import upload_limits
+from service.modelstore import ModelStore, NewTask
+from service.routers.source import new_router_cache
 from service.settings import Settings
-from service.snapshot import ServedModel, SnapshotLoader
-from service.state import Preprocessor, load_backbone, upload_limits
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import yaml
 
 from service.cli import build_parser
 from service.metrics import JobSnapshot, Metrics
-from service.router_cache import TieredLRUCache
+from service.routers.cache import TieredLRUCache
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

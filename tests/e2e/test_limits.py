@@ -1,4 +1,4 @@
-"""Slow and concurrent requests against a real `care-serve serve` on loopback (service/guard.py).
+"""Slow and concurrent requests against a real `care-serve serve` on loopback (service/ingest/guard.py).
 
 A slowloris crowd is closed within the header timeout and the server's file descriptors return to their baseline;
 a stalled or too slow body gets 408 in the error envelope; bodies beyond the in-flight cap get 429 with

@@ -26,9 +26,9 @@ import torch
 
 from registry import Registry
 from service.bench.synthetic import populate
+from service.inference.backbone import load_backbone
 from service.modelstore import ModelStore
 from service.settings import Settings
-from service.state import load_backbone
 from tests.e2e.harness import base_env, free_port, start_server, wait_until
 from tests.integration.conftest import task_files
 

@@ -250,7 +250,7 @@ def timestamp(text: str) -> datetime:
 
 def owner_pid(owner: str | None) -> int:
     assert owner is not None
-    return int(owner.split(":")[1])  # <host>:<pid>:<random>, service.jobs_db.make_owner_id
+    return int(owner.split(":")[1])  # <host>:<pid>:<random>, service.jobs.db.make_owner_id
 
 
 # ---- tests -----------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
-from service.worker import TrainingWorker
+from service.training.worker import TrainingWorker
 
 
 def png(color: tuple[int, int, int], size: int = 24, seed: int = 0) -> bytes:

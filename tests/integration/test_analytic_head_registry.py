@@ -12,8 +12,9 @@ from model.backbone import SiteBackbone, build_backbone
 from model.config import ModelConfig, TrainConfig
 from model.trainer import LearnedTask, Lineage, learn_task
 from registry import Registry
-from service.modelstore import ModelStore, NewTask, new_router_cache
-from service.snapshot import SnapshotLoader
+from service.inference.snapshot import SnapshotLoader
+from service.modelstore import ModelStore, NewTask
+from service.routers.source import new_router_cache
 
 CPU = torch.device("cpu")
 CONFIG = ModelConfig(backbone="test_vit", image_size=32)

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import Settings
-from service.worker import TrainingWorker
+from service.training.worker import TrainingWorker
 from tests.integration.conftest import png, task_files, updated, wait_for, wait_ready
 
 API_SERIES = {
@@ -161,7 +161,7 @@ def test_queue_full_answers_429_with_retry_after(settings: Settings, client_fact
 def test_failed_task_leaves_the_model_unchanged_and_the_next_one_proceeds(
     client: TestClient, worker: TrainingWorker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import service.worker as worker_module
+    import service.training.worker as worker_module
 
     real_learn = worker_module.learn_task
 

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.settings import Settings
-from service.worker import TrainingWorker
+from service.training.worker import TrainingWorker
 from tests.integration.conftest import png, task_files, updated, wait_for, wait_ready
 from tests.unit.service.test_uploads import gnu_tar
 

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import Settings
-from service.worker import TrainingWorker
+from service.training.worker import TrainingWorker
 from tests.integration.conftest import task_files, updated, wait_ready
 
 

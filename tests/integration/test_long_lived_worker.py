@@ -12,8 +12,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service.modelstore import CachedRouters
-from service.worker import TrainingWorker
+from service.routers.source import CachedRouters
+from service.training.worker import TrainingWorker
 from tests.integration.conftest import png, task_files, wait_for, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from model import artifacts
 from model.head import HeadStatistics
 from service.modelstore import EXTRA_HEAD_STATE, head_state_version, provisional_tasks
-from service.provisional import served_inputs
 from service.settings import Settings
-from service.worker import LEASE, TrainingWorker
+from service.training.provisional import served_inputs
+from service.training.worker import LEASE, TrainingWorker
 from tests.integration.conftest import png, task_files, updated, wait_for
 
 pytestmark = pytest.mark.timeout(300)

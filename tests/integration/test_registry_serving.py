@@ -20,9 +20,10 @@ from model.config import ModelConfig
 from model.routers import TaskRouters
 from registry import Registry
 from service.bench.synthetic import populate
-from service.modelstore import ModelStore, RouterCache, new_router_cache, router_bytes
-from service.router_cache import TieredLRUCache
-from service.snapshot import CurrentModel, ServedModel, SnapshotLoader
+from service.inference.snapshot import CurrentModel, ServedModel, SnapshotLoader
+from service.modelstore import ModelStore
+from service.routers.cache import TieredLRUCache
+from service.routers.source import RouterCache, new_router_cache, router_bytes
 
 CPU = torch.device("cpu")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from registry.backend import LocalDirectoryBackend, temp_owner
 from registry.owner import owner_tag, written_by_dead_local_process
-from service.jobs_uploads import STAGING_PREFIX, staging_owner, stale_staging_dirs
+from service.jobs.uploads import STAGING_PREFIX, staging_owner, stale_staging_dirs
 
 HOUR = 3600.0
 

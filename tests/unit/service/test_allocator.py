@@ -12,7 +12,7 @@ import resource, sys
 import timm, torch
 torch.set_num_threads(2)
 if sys.argv[1] == "tuned":
-    from service.allocator import tune_allocator
+    from service.inference.allocator import tune_allocator
     assert tune_allocator()
 model = timm.create_model("efficientnet_lite0").eval()
 images = torch.randn(int(sys.argv[3]), 3, int(sys.argv[4]), int(sys.argv[4]))

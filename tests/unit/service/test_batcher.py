@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from service.batcher import MicroBatcher
 from service.errors import ApiError
+from service.inference.batcher import MicroBatcher
 
 pytestmark = pytest.mark.anyio
 

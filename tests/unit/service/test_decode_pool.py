@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from service.decode_pool import PreprocessPool
 from service.errors import ApiError
+from service.inference.preprocess import PreprocessPool
 
 
 class FakePreprocess:

@@ -21,9 +21,8 @@ from typing import Any
 
 import pytest
 
-import service.jobs as jobs
-import service.jobs_db as jobs_db
-from service import jobs_uploads
+import service.jobs.db as jobs_db
+import service.jobs.store as jobs
 from service.jobs import (
     IdempotencyKeyReused,
     InvalidTransition,
@@ -35,7 +34,8 @@ from service.jobs import (
     TaskNotFound,
     UploadCorrupt,
 )
-from service.jobs_db import DEFAULT_RETRY_AFTER_S, SCHEMA_VERSION
+from service.jobs import uploads as jobs_uploads
+from service.jobs.db import DEFAULT_RETRY_AFTER_S, SCHEMA_VERSION
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 WAIT_S = 10.0  # upper bound for anything a test waits on; a healthy run needs milliseconds

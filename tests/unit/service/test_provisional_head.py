@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from model.head import HeadStatistics, solve_head
-from service.provisional import add_classes, rebuild, solve_factored
+from service.training.provisional import add_classes, rebuild, solve_factored
 
 
 def _task(seed: int, classes: int, per_class: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

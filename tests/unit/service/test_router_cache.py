@@ -1,4 +1,4 @@
-"""Tests for service.router_cache: state traces at tiny byte caps, gated concurrency, a seeded random walk.
+"""Tests for service.routers.cache: state traces at tiny byte caps, gated concurrency, a seeded random walk.
 
 Values are byte strings whose size is their length. Concurrency tests never sleep to wait for a state change:
 fake loaders block on ``threading.Event`` gates, and the test polls the cache's stats with a bounded timeout.
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from service.router_cache import CacheCapacityError, CacheStats, Tier, TieredLRUCache
+from service.routers.cache import CacheCapacityError, CacheStats, Tier, TieredLRUCache
 
 WAIT_S = 5.0  # upper bound for anything a test waits on; a healthy run needs milliseconds
 
@@ -463,7 +463,7 @@ def test_a_failing_hook_is_logged_and_does_not_break_the_cache(caplog: pytest.Lo
 
     store = Store({"a": 4, "b": 4})
     cache = make_cache(4, on_evict=broken, on_load=broken)
-    with caplog.at_level(logging.ERROR, logger="service.router_cache"):
+    with caplog.at_level(logging.ERROR, logger="service.routers.cache"):
         cache.get("a", store.loader("a"))
         assert cache.get("b", store.loader("b")) == b"bbbb"
     expect(cache, store, "b", device_evictions=1, loads=2)

@@ -1,4 +1,4 @@
-"""Tests for service.uploads and service.images through a tiny FastAPI app, as the real routes will call them.
+"""Tests for service.ingest (uploads and images) through a tiny FastAPI app, as the real routes will call them.
 
 Every bad body must come back as its api.md status and code with a message, never a 500 and never a hang; every
 accepted body form must parse. Images are real PNG/JPEG bytes made with Pillow; limits are shrunk per case so that
@@ -27,8 +27,8 @@ from fastapi import FastAPI, Request
 from PIL import Image
 
 from service.errors import ApiError, error_response, install_error_handlers
-from service.images import decode_image, validate_images
-from service.uploads import (
+from service.ingest.images import decode_image, validate_images
+from service.ingest.uploads import (
     UploadLimits,
     _BoundedRaw,
     _Budget,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from registry.owner import pid_namespace
-from service.jobs_errors import InvalidTransition, JobStoreError, LabelConflict, QueueFull, TaskNotFound
+from service.jobs.errors import InvalidTransition, JobStoreError, LabelConflict, QueueFull, TaskNotFound
 
 logger = logging.getLogger(__name__)
 

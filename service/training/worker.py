@@ -6,7 +6,7 @@ hot-load) and marks the task ready. A task that fails is marked failed and the m
 process dies, the next worker re-queues the interrupted task and trains it again; a task that was published but
 not yet marked ready is recognised in the registry and marked ready without training it twice.
 
-Provisional versions (service/provisional.py): before training, every queued task's classes are added to the
+Provisional versions (service/training/provisional.py): before training, every queued task's classes are added to the
 served analytic head in closed form and published as a provisional version, in submission order. A task queued
 while another trains is made provisional between two training steps (the progress callback), so it never waits
 for a training run. Which tasks are provisional is recorded in the registry only (the latest manifest), so there
@@ -35,21 +35,22 @@ from model.trainer import LearnedTask, Lineage, TrainProgress, embed_images, lea
 from registry import Manifest, Registry
 from registry.owner import process_alive
 from service.housekeeping import open_job_store
+from service.inference.backbone import load_backbone
+from service.inference.preprocess import Preprocessor
+from service.ingest.uploads import upload_limits
 from service.jobs import TaskNotFound, TaskRecord, make_owner_id
-from service.jobs_db import process_namespace
+from service.jobs.db import process_namespace
 from service.modelstore import (
-    CachedRouters,
     LoadedTasks,
     ModelStore,
     NewTask,
     ProvisionalHead,
     ProvisionalTask,
-    new_router_cache,
     provisional_tasks,
 )
-from service.provisional import add_classes, rebuild, served_inputs
+from service.routers.source import CachedRouters, new_router_cache
 from service.settings import Settings
-from service.state import Preprocessor, load_backbone, upload_limits
+from service.training.provisional import add_classes, rebuild, served_inputs
 
 logger = logging.getLogger(__name__)
 

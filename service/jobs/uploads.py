@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from registry.owner import is_owner_tag, owner_tag, written_by_dead_local_process
-from service.jobs_errors import UploadCorrupt
+from service.jobs.errors import UploadCorrupt
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from service.errors import ApiError
-from service.snapshot import ServedModel
+from service.inference.snapshot import ServedModel
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from service.jobs_db import (
+from service.jobs.db import (
     STATUSES,
     SubmitResult,
     TaskRecord,
@@ -56,7 +56,7 @@ from service.jobs_db import (
     set_failed,
     write_transaction,
 )
-from service.jobs_errors import (
+from service.jobs.errors import (
     IdempotencyKeyReused,
     InvalidTransition,
     JobStoreError,
@@ -65,7 +65,7 @@ from service.jobs_errors import (
     TaskNotFound,
     UploadCorrupt,
 )
-from service.jobs_uploads import (
+from service.jobs.uploads import (
     STAGING_PREFIX,
     fsync_dir,
     publish_staged,

@@ -20,7 +20,7 @@ the entries.
 
 Route recipe for `POST /tasks`: `upload = await read_task_upload(request, limits)`, check the labels against
 known classes (409), then `await anyio.to_thread.run_sync(validate_images, upload.images, limits)`
-(service.images): decoding is CPU-bound and must stay off the event loop.
+(service.ingest.images): decoding is CPU-bound and must stay off the event loop.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from service.errors import ApiError
+from service.settings import Settings
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -66,6 +67,7 @@ __all__ = [
     "UploadLimits",
     "read_predict_images",
     "read_task_upload",
+    "upload_limits",
 ]
 
 _MiB = 1024 * 1024
@@ -112,6 +114,19 @@ class UploadLimits:
     def max_archive_entries(self) -> int:
         """Entries one archive may list, folders and skipped `__MACOSX` twins included (room for ~3 per image)."""
         return 3 * self.max_images + 1024
+
+
+def upload_limits(settings: Settings) -> UploadLimits:
+    """The limits `settings` configure."""
+    return UploadLimits(
+        max_body_bytes=settings.max_upload_bytes,
+        max_images=settings.max_images_per_task,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        max_label_length=settings.max_label_length,
+        min_images_per_class=settings.min_images_per_class,
+        max_predict_images=settings.max_predict_images,
+    )
 
 
 class _Spool:
@@ -177,7 +192,7 @@ class SpooledImages(Sequence[tuple[str, bytes]]):
 
 @dataclass(frozen=True)
 class TaskUpload:
-    """A parsed task upload: images with one label each, not yet decoded (see service.images.validate_images).
+    """A parsed task upload: images with one label each, not yet decoded (see service.ingest.images.validate_images).
 
     Attributes:
         images: (file name, raw bytes) pairs in upload order; archive images are named by their member path.
@@ -782,8 +797,8 @@ async def _spooled_archive(
 async def read_task_upload(request: Request, limits: UploadLimits, spool_dir: Path | None = None) -> TaskUpload:
     """Reads and checks the body of `POST /tasks` (multipart images+labels, multipart archive, or a raw archive).
 
-    Images are not decoded here; run `service.images.validate_images` in a worker thread afterwards. Labels are
-    not compared with known classes (409 `label_exists` is the caller's check).
+    Images are not decoded here; run `service.ingest.images.validate_images` in a worker thread afterwards. Labels
+    are not compared with known classes (409 `label_exists` is the caller's check).
 
     Args:
         request: The incoming request; its body is consumed.
@@ -830,7 +845,8 @@ async def read_predict_images(request: Request, limits: UploadLimits) -> list[tu
         limits: Upload limits (`max_predict_images`, `max_image_bytes` and `max_body_bytes` apply).
 
     Returns:
-        (file name, raw bytes) pairs in request order, not decoded (use service.images.decode_image off the loop).
+        (file name, raw bytes) pairs in request order, not decoded (decode them off the loop:
+        service.ingest.images.decode_image).
 
     Raises:
         ApiError: 400 `bad_request` (malformed multipart, no images), 413 `too_large`, 415 `unsupported_media_type`.

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from model.network import CareModel
 from registry import Manifest
-from service.modelstore import CachedRouters, LoadedTasks, ModelStore, RouterCache, iter_labels, provisional_tasks
+from service.modelstore import LoadedTasks, ModelStore, iter_labels, provisional_tasks
+from service.routers.source import CachedRouters, RouterCache
 
 logger = logging.getLogger(__name__)
 

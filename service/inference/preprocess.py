@@ -1,4 +1,6 @@
-"""Image preprocessing for /predict on a small pool of threads that each use a single torch thread.
+"""Image preprocessing: `Preprocessor` decodes uploads and applies the backbone's transform (the server and the
+worker both use it); `PreprocessPool` runs it for /predict on a small pool of threads that each use a single
+torch thread.
 
 Why not `anyio.to_thread`: its pool grows to 40 threads, and torch ops in a thread that never chose a thread count
 (to-tensor and normalisation are big enough to go parallel) run on an OpenMP team of the last count set anywhere in
@@ -13,13 +15,46 @@ import asyncio
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from service.errors import ApiError
+from service.ingest.images import decode_image
+from service.ingest.uploads import UploadLimits
 
 Files = Sequence[tuple[str, bytes]]
+
+
+class Preprocessor:
+    """Decodes uploaded images and applies the backbone's evaluation transform (CPU-bound: run off the event loop)."""
+
+    def __init__(self, transform: Callable[[Image.Image], Tensor], limits: UploadLimits, device: torch.device):
+        self.transform = transform
+        self.limits = limits
+        self.device = device
+
+    def __call__(self, files: Sequence[tuple[str, bytes]]) -> Tensor:
+        problems: list[dict[str, Any]] = []
+        tensors: list[Tensor] = []
+        for index, (name, data) in enumerate(files):
+            try:
+                tensors.append(self.transform(decode_image(name, data, self.limits)))
+            except ApiError as error:
+                if error.status == 413:
+                    raise
+                problems.append({"index": index, "name": name, "reason": error.message})
+        if problems:
+            raise ApiError(
+                422,
+                "invalid_image",
+                f"{len(problems)} of {len(files)} images could not be decoded; send PNG, JPEG, WebP, GIF, BMP or TIFF "
+                "images",
+                {"images": problems},
+            )
+        return torch.stack(tensors).to(self.device)
 
 
 def _single_torch_thread() -> None:

@@ -1,0 +1,6 @@
+"""What comes in over HTTP, bounded and checked before anything else sees it.
+
+`guard` bounds slow and concurrent request bodies below the app (408, 429); `uploads` reads the bodies of
+`POST /tasks` and `POST /predict` (streamed byte limits, multipart, archives, labels); `images` decodes and
+validates the images themselves (pixel caps, formats). Every bad input becomes an `ApiError` with its api.md code.
+"""
