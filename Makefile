@@ -11,12 +11,13 @@ APT_PACKAGES := dataset-fashion-mnist fonts-noto-core docker-compose prometheus
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: help venv apt-deps serve worker test lint typecheck check-deploy bench-model bench-registry bench-accuracy \
-        bench-accuracy-glyphs100 bench-accuracy-glyphs300 bench-accuracy-one-class bench-serve bench-train clean
+        bench-accuracy-glyphs100 bench-accuracy-glyphs300 bench-accuracy-one-class bench-serve bench-train \
+        bench-provisional clean
 
 help:
 	@echo "make serve   start the service on its embedded defaults at http://127.0.0.1:8000"
 	@echo "make test    lint, type-check and run the whole test suite"
-	@echo "make bench-model | bench-registry | bench-accuracy | bench-serve | bench-train   benchmarks (docs/benchmarks.md)"
+	@echo "make bench-model | bench-registry | bench-accuracy | bench-serve | bench-train | bench-provisional   benchmarks (docs/benchmarks.md)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -85,6 +86,13 @@ bench-serve: $(STAMP)
 
 bench-train: $(STAMP) apt-deps
 	$(BIN)/care-serve bench train
+
+# Provisional classes (issue 12): three tasks back to back and one during training, then ten back to back.
+bench-provisional: $(STAMP) apt-deps
+	$(BIN)/python tools/bench_provisional.py --stream fmnist5 --tasks 5 --train-per-class 100 --test-per-class 50 \
+	    --late --out docs/bench/provisional_fmnist5.json
+	$(BIN)/python tools/bench_provisional.py --stream glyphs100 --classes-per-task 2 --tasks 11 \
+	    --train-per-class 100 --test-per-class 20 --out docs/bench/provisional_glyphs_10x2.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
