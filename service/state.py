@@ -18,7 +18,7 @@ from service.inference.backbone import load_backbone
 from service.inference.batcher import MicroBatcher
 from service.inference.preprocess import Preprocessor, PreprocessPool, default_workers
 from service.inference.snapshot import CurrentModel, ServedModel, SnapshotLoader
-from service.ingest.uploads import UploadLimits, upload_limits
+from service.ingest.limits import UploadLimits, upload_limits
 from service.jobs import JobStore
 from service.metrics import JobSnapshot, Metrics
 from service.modelstore import ModelStore

@@ -63,7 +63,7 @@ from service.bench.synthetic import key_images, keyed_learned_tasks
 from service.inference.backbone import load_backbone
 from service.inference.preprocess import Preprocessor
 from service.inference.snapshot import ServedModel, SnapshotLoader
-from service.ingest.uploads import upload_limits
+from service.ingest.limits import upload_limits
 from service.modelstore import ModelStore, NewTask
 from service.routers.source import new_router_cache
 from service.settings import Settings

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from service.errors import ApiError
 from service.ingest.images import decode_image
-from service.ingest.uploads import UploadLimits
+from service.ingest.limits import UploadLimits
 
 Files = Sequence[tuple[str, bytes]]
 

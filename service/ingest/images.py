@@ -17,7 +17,7 @@ from typing import Any, cast
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import ApiError
-from service.ingest.uploads import UploadLimits
+from service.ingest.limits import UploadLimits
 
 logger = logging.getLogger(__name__)
 

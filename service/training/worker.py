@@ -37,7 +37,7 @@ from registry.owner import process_alive
 from service.housekeeping import open_job_store
 from service.inference.backbone import load_backbone
 from service.inference.preprocess import Preprocessor
-from service.ingest.uploads import upload_limits
+from service.ingest.limits import upload_limits
 from service.jobs import TaskNotFound, TaskRecord, make_owner_id
 from service.jobs.db import process_namespace
 from service.modelstore import (

@@ -27,15 +27,10 @@ from fastapi import FastAPI, Request
 from PIL import Image
 
 from service.errors import ApiError, error_response, install_error_handlers
+from service.ingest.archives import BoundedRaw, Budget, read_archive
 from service.ingest.images import decode_image, validate_images
-from service.ingest.uploads import (
-    UploadLimits,
-    _BoundedRaw,
-    _Budget,
-    _read_archive,
-    read_predict_images,
-    read_task_upload,
-)
+from service.ingest.limits import UploadLimits
+from service.ingest.uploads import read_predict_images, read_task_upload
 
 pytestmark = pytest.mark.anyio
 
@@ -339,7 +334,7 @@ def test_zip_with_too_many_entries_is_refused_before_its_directory_is_parsed(mon
 
     monkeypatch.setattr(zipfile, "ZipFile", no_parsing)
     with pytest.raises(ApiError, match="more than 1060 entries") as caught:
-        _read_archive(data, LIMITS)
+        read_archive(data, LIMITS)
     assert caught.value.status == 413
 
 
@@ -358,13 +353,13 @@ class Endless:
 def test_archive_members_are_read_one_byte_past_the_image_limit_at_most() -> None:
     member = Endless()
     with pytest.raises(ApiError, match="over 65536 bytes per image") as caught:
-        _Budget(LIMITS).read_member("cat/0.png", member)
+        Budget(LIMITS).read_member("cat/0.png", member)
     assert caught.value.status == 413
     assert member.given == LIMITS.max_image_bytes + 1
 
 
 def test_archive_total_actually_read_is_bounded_even_when_sizes_lie() -> None:
-    budget = _Budget(dataclasses.replace(LIMITS, max_image_bytes=200 * 1024))  # 3 members pass, the total does not
+    budget = Budget(dataclasses.replace(LIMITS, max_image_bytes=200 * 1024))  # 3 members pass, the total does not
     with pytest.raises(ApiError, match="unpacks to more than 524288") as caught:
         for i in range(3):
             budget.read_member(f"cat/{i}.png", io.BytesIO(b"\0" * 200 * 1024))
@@ -372,7 +367,7 @@ def test_archive_total_actually_read_is_bounded_even_when_sizes_lie() -> None:
 
 
 def test_decompressed_tar_stream_is_bounded() -> None:
-    stream = io.BufferedReader(_BoundedRaw(Endless(), 10_000))
+    stream = io.BufferedReader(BoundedRaw(Endless(), 10_000))
     with pytest.raises(ApiError, match="unpacks to more than 10000") as caught:
         while stream.read(4096):
             pass

@@ -1,0 +1,69 @@
+"""What one request may carry (`UploadLimits`, from the settings) and the two refusals every reader shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from service.errors import ApiError
+from service.settings import Settings
+
+__all__ = ["MiB", "UploadLimits", "bad_request", "too_large", "upload_limits"]
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """Bounds on what one request may carry; each breach is answered 413 `too_large` unless noted.
+
+    Attributes:
+        max_body_bytes: Request body size; also bounds the bytes unpacked from an archive.
+        max_images: Images in one task upload.
+        max_image_bytes: Bytes of one image (file part, raw body or archive member).
+        max_image_pixels: Width x height of one image, checked from its header (decompression bombs).
+        max_label_length: Characters in one label (422 `invalid_label` beyond).
+        min_images_per_class: Images each class needs (422 `too_few_images` below).
+        max_predict_images: Images in one predict request.
+    """
+
+    max_body_bytes: int = 256 * MiB
+    max_images: int = 10_000
+    max_image_bytes: int = 20 * MiB
+    max_image_pixels: int = 40_000_000
+    max_label_length: int = 64
+    min_images_per_class: int = 2
+    max_predict_images: int = 64
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"UploadLimits.{name} must be a positive int, got {value!r}")
+
+    @property
+    def max_archive_entries(self) -> int:
+        """Entries one archive may list, folders and skipped `__MACOSX` twins included (room for ~3 per image)."""
+        return 3 * self.max_images + 1024
+
+
+def upload_limits(settings: Settings) -> UploadLimits:
+    """The limits `settings` configure."""
+    return UploadLimits(
+        max_body_bytes=settings.max_upload_bytes,
+        max_images=settings.max_images_per_task,
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        max_label_length=settings.max_label_length,
+        min_images_per_class=settings.min_images_per_class,
+        max_predict_images=settings.max_predict_images,
+    )
+
+
+def bad_request(message: str, details: dict[str, Any] | None = None) -> ApiError:
+    """400 `bad_request`: the body is malformed (not a matter of size)."""
+    return ApiError(400, "bad_request", message, details)
+
+
+def too_large(message: str, details: dict[str, Any] | None = None) -> ApiError:
+    """413 `too_large`: a limit of `UploadLimits` is passed."""
+    return ApiError(413, "too_large", message, details)
