@@ -2,6 +2,10 @@
 
 Defaults are the embedded ones: the bundled EfficientNet-Lite0, everything under ./care-data, 127.0.0.1:8000.
 Only `service/` reads settings; it turns them into constructor arguments for `model/` and `registry/`.
+
+One source per default: a field that feeds `ModelConfig` or `TrainConfig` defaults to that class's own default
+(model/config.py), and `UploadLimits` (service/ingest/limits.py) takes its defaults from the upload fields here.
+tests/unit/service/test_defaults.py fails if the two sides ever differ.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.backbone import WEIGHTS_BUNDLED, WEIGHTS_HUB, bundled_weights_available
-from model.config import DEFAULT_BACKBONE, CovarianceMode, HeadKind, ModelConfig, TrainConfig
+from model.config import CovarianceMode, HeadKind, ModelConfig, TrainConfig
 
 MIB = 1 << 20
 
@@ -35,7 +39,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("./care-data"), description="Registry, job database and uploads live here.")
 
     # Model (shape-defining: a registry is tied to these)
-    backbone: str = Field(DEFAULT_BACKBONE, description="timm model name.")
+    backbone: str = Field(ModelConfig.backbone, description="timm model name.")
     backbone_weights: str = Field(
         "",
         description="'bundled' (efficientnet_lite0 only), 'hub', 'random', or a local .safetensors/.pth/.bin file. "
@@ -45,10 +49,10 @@ class Settings(BaseSettings):
         default_factory=list, description="BR-MoE sites; empty = the backbone's default."
     )
     image_size: int | None = Field(None, description="Input resolution; empty = the backbone's pretrained one.")
-    expert_dim: int = Field(16, ge=1)
-    shared_dim: int = Field(64, ge=1)
-    top_routers: int = Field(2, ge=1, description="M: routers selected per site.")
-    top_experts: int = Field(3, ge=1, description="K: experts per selected router.")
+    expert_dim: int = Field(ModelConfig.expert_dim, ge=1)
+    shared_dim: int = Field(ModelConfig.shared_dim, ge=1)
+    top_routers: int = Field(ModelConfig.top_routers, ge=1, description="M: routers selected per site.")
+    top_experts: int = Field(ModelConfig.top_experts, ge=1, description="K: experts per selected router.")
     head: HeadKind = Field(
         ModelConfig.head,
         description="The served head: 'analytic' (closed-form LDA, the default) or 'cosine' (CaRE's, aligned).",
@@ -74,12 +78,12 @@ class Settings(BaseSettings):
     # Learning
     run_worker: bool = Field(True, description="`care-serve serve` starts (and restarts) a training worker.")
     train_threads: int = Field(default_factory=lambda: max(1, _cpus() - max(1, _cpus() // 2)), ge=1)
-    train_epochs: int = Field(10, ge=1)
-    train_batch_size: int = Field(16, ge=1)
-    train_lr: float = Field(0.02, gt=0)
-    align_epochs: int = Field(5, ge=0)
-    covariance: CovarianceMode = Field("diagonal", description="Class statistics: 'diagonal' or 'full'.")
-    train_seed: int = 1993
+    train_epochs: int = Field(TrainConfig.epochs, ge=1)
+    train_batch_size: int = Field(TrainConfig.batch_size, ge=1)
+    train_lr: float = Field(TrainConfig.lr, gt=0)
+    align_epochs: int = Field(TrainConfig.align_epochs, ge=0)
+    covariance: CovarianceMode = Field(TrainConfig.covariance, description="Class statistics: 'diagonal' or 'full'.")
+    train_seed: int = TrainConfig.seed
     train_min_steps: int = Field(TrainConfig.min_steps, ge=0, description="Fewest optimiser steps a task trains.")
     worker_lease_ttl_s: float = Field(30.0, gt=0, description="A dead worker's lease expires after this.")
     worker_poll_s: float = Field(0.25, gt=0, description="How often an idle worker looks for queued tasks.")

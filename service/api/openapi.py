@@ -15,6 +15,8 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
+from service.ingest.limits import UploadLimits
+from service.ingest.uploads import MAX_NAME_CHARS
 from service.settings import Settings
 
 __all__ = [
@@ -101,7 +103,7 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 _BINARY = {"type": "string", "format": "binary"}
-_LABEL = {"type": "string", "minLength": 1, "maxLength": 64}
+_LABEL = {"type": "string", "minLength": 1, "maxLength": UploadLimits.max_label_length}  # the default limit
 
 TASKS_BODY: dict[str, Any] = {
     "requestBody": {
@@ -116,7 +118,7 @@ TASKS_BODY: dict[str, Any] = {
                     "properties": {
                         "images": {"type": "array", "items": _BINARY, "minItems": 1},
                         "labels": {"type": "array", "items": _LABEL, "minItems": 1},
-                        "name": {"type": "string", "maxLength": 256},
+                        "name": {"type": "string", "maxLength": MAX_NAME_CHARS},
                         "archive": _BINARY,
                     },
                     "required": ["images", "labels"],

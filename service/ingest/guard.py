@@ -224,8 +224,8 @@ _Phase = Literal["headers", "drain"] | None
 class _GuardedH11(H11Protocol):
     """uvicorn's h11 protocol with a deadline on the request head and on draining an unread body."""
 
-    header_timeout_s = 10.0
-    drain_timeout_s = 30.0
+    header_timeout_s: float  # both set by guarded_h11, from the settings
+    drain_timeout_s: float
 
     _phase: _Phase = None
     _timer: asyncio.TimerHandle | None = None

@@ -6,11 +6,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.errors import ApiError
+from service.settings import MIB as MiB
 from service.settings import Settings
 
 __all__ = ["MiB", "UploadLimits", "bad_request", "too_large", "upload_limits"]
 
-MiB = 1024 * 1024
+
+def _default(setting: str) -> int:
+    """The default of the `Settings` field `setting`: each limit's default is written once, in settings.py."""
+    value = Settings.model_fields[setting].default
+    assert isinstance(value, int), setting
+    return value
 
 
 @dataclass(frozen=True)
@@ -27,13 +33,13 @@ class UploadLimits:
         max_predict_images: Images in one predict request.
     """
 
-    max_body_bytes: int = 256 * MiB
-    max_images: int = 10_000
-    max_image_bytes: int = 20 * MiB
-    max_image_pixels: int = 40_000_000
-    max_label_length: int = 64
-    min_images_per_class: int = 2
-    max_predict_images: int = 64
+    max_body_bytes: int = _default("max_upload_bytes")
+    max_images: int = _default("max_images_per_task")
+    max_image_bytes: int = _default("max_image_bytes")
+    max_image_pixels: int = _default("max_image_pixels")
+    max_label_length: int = _default("max_label_length")
+    min_images_per_class: int = _default("min_images_per_class")
+    max_predict_images: int = _default("max_predict_images")
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

@@ -34,12 +34,20 @@ from service.ingest.spool import Spool, SpooledImages
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MULTIPART", "TAR_TYPES", "ZIP_TYPES", "TaskUpload", "read_predict_images", "read_task_upload"]
+__all__ = [
+    "MAX_NAME_CHARS",
+    "MULTIPART",
+    "TAR_TYPES",
+    "ZIP_TYPES",
+    "TaskUpload",
+    "read_predict_images",
+    "read_task_upload",
+]
 
 MULTIPART = "multipart/form-data"
 ZIP_TYPES = ("application/zip", "application/x-zip-compressed", "application/x-zip")
 TAR_TYPES = ("application/x-tar", "application/tar", "application/gzip", "application/x-gzip", "application/x-gtar")
-_MAX_NAME_CHARS = 256
+MAX_NAME_CHARS = 256  # characters of a task name (the OpenAPI document states it too)
 
 
 @dataclass(frozen=True)
@@ -110,7 +118,7 @@ async def _task_from_multipart(
         "labels": Rule(
             limits.max_images, label_bytes, f"a task has at most {limits.max_images} images, one label each"
         ),
-        "name": Rule(1, 4 * _MAX_NAME_CHARS, f"a task name has at most {_MAX_NAME_CHARS} characters"),
+        "name": Rule(1, 4 * MAX_NAME_CHARS, f"a task name has at most {MAX_NAME_CHARS} characters"),
         "archive": Rule(1, limits.max_body_bytes, "send fewer or smaller images", "own"),
     }
     parts = await read_multipart(request, limits, rules, spools, spool_dir)
@@ -119,9 +127,9 @@ async def _task_from_multipart(
     labels = parse_labels([p.text() for p in parts if p.name == "labels"])
     name = next((p.text() for p in parts if p.name == "name"), None) or None
     if name is not None and (
-        len(name) > _MAX_NAME_CHARS or any(unicodedata.category(c) == "Cc" or is_noncharacter(c) for c in name)
+        len(name) > MAX_NAME_CHARS or any(unicodedata.category(c) == "Cc" or is_noncharacter(c) for c in name)
     ):
-        message = f"the task name must be at most {_MAX_NAME_CHARS} characters, without control or non-characters"
+        message = f"the task name must be at most {MAX_NAME_CHARS} characters, without control or non-characters"
         raise bad_request(message)
     if archive and (image_parts or labels):
         raise bad_request("send an 'archive' part or 'images' and 'labels' parts, not both (archives label by folder)")
