@@ -129,6 +129,7 @@ def build_state(settings: Settings) -> AppState:
         max_queue_images=settings.max_queue_images,
         threads=settings.serve_threads,
         on_batch=metrics.batch_size.observe,
+        on_queue=metrics.queue_images.set,
     )
     preprocess = Preprocessor(make_transform(backbone, config.image_size), limits, device)
     state = AppState(

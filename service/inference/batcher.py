@@ -52,6 +52,8 @@ class MicroBatcher:
         max_queue_images: Images allowed to wait; beyond it `submit` raises 429 overloaded.
         threads: Torch threads of the inference thread.
         on_batch: Called with the size of each batch run (metrics).
+        on_queue: Called with the number of images waiting whenever it changes: when a request is queued, when
+            requests are taken into a batch, and when stop fails the rest (metrics).
     """
 
     def __init__(
@@ -63,12 +65,14 @@ class MicroBatcher:
         max_queue_images: int,
         threads: int,
         on_batch: Callable[[int], None] | None = None,
+        on_queue: Callable[[int], None] | None = None,
     ) -> None:
         self._current = current
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
         self._on_batch = on_batch
+        self._on_queue = on_queue
         self._queue: deque[_Pending] = deque()
         self._queued_images = 0
         self._wakeup = asyncio.Event()
@@ -81,6 +85,13 @@ class MicroBatcher:
     def queued_images(self) -> int:
         return self._queued_images
 
+    def _add_queued(self, count: int) -> None:
+        if count == 0:
+            return
+        self._queued_images += count
+        if self._on_queue is not None:
+            self._on_queue(self._queued_images)
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="care-batcher")
 
@@ -92,6 +103,7 @@ class MicroBatcher:
                 await self._task
         self._fail_all(list(self._queue))
         self._queue.clear()
+        self._add_queued(-self._queued_images)
         await asyncio.to_thread(self._executor.shutdown, True)
 
     @staticmethod
@@ -116,7 +128,7 @@ class MicroBatcher:
             )
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(images, future))
-        self._queued_images += count
+        self._add_queued(count)
         self._wakeup.set()
         return await future
 
@@ -126,24 +138,32 @@ class MicroBatcher:
             await self._wakeup.wait()
         batch = [self._queue.popleft()]
         size = int(batch[0].images.shape[0])
+        self._add_queued(-size)
         deadline = batch[0].enqueued + self.max_wait_s
-        while size < self.max_batch_size:
-            if self._queue:
-                following = int(self._queue[0].images.shape[0])
-                if size + following > self.max_batch_size:
+        try:
+            while size < self.max_batch_size:
+                if self._queue:
+                    following = int(self._queue[0].images.shape[0])
+                    if size + following > self.max_batch_size:
+                        break
+                    batch.append(self._queue.popleft())
+                    size += following
+                    self._add_queued(-following)
+                    continue
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
                     break
-                batch.append(self._queue.popleft())
-                size += following
-                continue
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                break
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
-                break
-        self._queued_images -= size
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+        except asyncio.CancelledError:
+            # Stopped while collecting: the requests taken so far go back to the front of the queue, where stop()
+            # fails them with 503 (else their clients would wait forever) and counts them out of the queue.
+            self._queue.extendleft(reversed(batch))
+            self._add_queued(size)
+            raise
         return batch
 
     async def _run(self) -> None:

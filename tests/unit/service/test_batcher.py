@@ -1,9 +1,16 @@
-"""Micro-batching: requests are grouped up to the batch size, one model per batch, a full queue answers 429."""
+"""Micro-batching: requests are grouped up to the batch size, one model per batch, a full queue answers 429.
+
+Nothing sleeps to wait for a state change: a gated model says when a batch has reached the executor
+(`FakeModel.entered`), and queue states are polled with a deadline (`until`). The one fixed pause left is where a
+test asserts that something does *not* happen while the executor is busy.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,8 +34,10 @@ class FakeModel:
         self.version = version
         self.gate = gate
         self.batches: list[int] = []
+        self.entered = threading.Event()  # a batch has reached the executor
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(5), "test gate never opened"
         self.batches.append(len(images))
@@ -43,6 +52,19 @@ def batcher(model: Any, **options: Any) -> tuple[MicroBatcher, list[int]]:
     sizes: list[int] = []
     settings = {"max_batch_size": 8, "max_wait_s": 0.05, "max_queue_images": 64, "threads": 1} | options
     return MicroBatcher(lambda: model, on_batch=sizes.append, **settings), sizes
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Let the event loop run until `condition()` holds; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        await asyncio.sleep(0.001)
+
+
+async def held(model: FakeModel) -> None:
+    """Wait until a batch is on the executor (and held there by the model's gate)."""
+    assert await asyncio.to_thread(model.entered.wait, 10), "no batch reached the executor"
 
 
 async def test_concurrent_requests_share_a_batch() -> None:
@@ -61,11 +83,12 @@ async def test_batches_never_exceed_the_maximum_size() -> None:
     micro, sizes = batcher(model, max_wait_s=0.01)
     micro.start()
     pending = [asyncio.ensure_future(micro.submit(images(4))) for _ in range(5)]
-    await asyncio.sleep(0.05)  # let the collector form its batches while the first one is held
+    await held(model)
+    await until(lambda: micro.queued_images == 12, "three requests waiting behind the held batch of two")
     gate.set()
     await asyncio.gather(*pending)
     await micro.stop()
-    assert max(sizes) <= 8 and sum(sizes) == 20
+    assert sizes == [8, 8, 4]
 
 
 async def test_each_batch_reads_the_model_once() -> None:
@@ -87,10 +110,11 @@ async def test_requests_that_wait_for_a_running_batch_form_one_full_batch() -> N
     micro, sizes = batcher(model, max_wait_s=0.0)
     micro.start()
     running = asyncio.ensure_future(micro.submit(images(1)))
-    await asyncio.sleep(0.05)  # the first batch is now held on the executor
+    await held(model)
     waiting = [asyncio.ensure_future(micro.submit(images(2))) for _ in range(4)]
-    await asyncio.sleep(0.05)  # far longer than max_wait: still no batch may close while the executor is busy
-    assert micro.queued_images == 8
+    await until(lambda: micro.queued_images == 8, "four requests queued")
+    await asyncio.sleep(0.05)  # far longer than max_wait (0): still no batch may close while the executor is busy
+    assert micro.queued_images == 8 and model.batches == []
     gate.set()
     await asyncio.gather(running, *waiting)
     await micro.stop()
@@ -99,13 +123,13 @@ async def test_requests_that_wait_for_a_running_batch_form_one_full_batch() -> N
 
 async def test_full_queue_is_refused_with_retry_after_and_stop_fails_the_rest() -> None:
     gate = threading.Event()
-    micro, _ = batcher(FakeModel(1, gate), max_queue_images=4, max_batch_size=2, max_wait_s=0.0)
+    model = FakeModel(1, gate)
+    micro, _ = batcher(model, max_queue_images=4, max_batch_size=2, max_wait_s=0.0)
     micro.start()
     running = asyncio.ensure_future(micro.submit(images(2)))
-    await asyncio.sleep(0.05)  # the first batch is now held on the executor
+    await held(model)
     waiting = [asyncio.ensure_future(micro.submit(images(2))) for _ in range(2)]
-    await asyncio.sleep(0.05)
-    assert micro.queued_images == 4  # the cap
+    await until(lambda: micro.queued_images == 4, "the queue filled to its cap")
     with pytest.raises(ApiError) as refused:
         await micro.submit(images(1))
     assert refused.value.status == 429 and refused.value.code == "overloaded"
@@ -117,3 +141,41 @@ async def test_full_queue_is_refused_with_retry_after_and_stop_fails_the_rest() 
     await stop
     for outcome in outcomes:
         assert not isinstance(outcome, ApiError) or outcome.status == 503
+    assert micro.queued_images == 0
+
+
+async def test_the_queue_is_reported_as_requests_are_queued_and_taken_into_batches() -> None:
+    gate = threading.Event()
+    model = FakeModel(1, gate)
+    reported: list[int] = []
+    micro = MicroBatcher(
+        lambda: model, max_batch_size=4, max_wait_s=0.0, max_queue_images=64, threads=1, on_queue=reported.append
+    )
+    micro.start()
+    running = asyncio.ensure_future(micro.submit(images(3)))
+    await held(model)
+    assert reported == [3, 0]  # queued, then taken into the batch now on the executor
+    waiting = [asyncio.ensure_future(micro.submit(images(2))) for _ in range(3)]
+    await until(lambda: reported[-1] == 6, "three requests queued behind the held batch")
+    gate.set()
+    await asyncio.gather(running, *waiting)
+    await micro.stop()
+    # Two requests taken into the second batch one by one, the last one into the third.
+    assert reported == [3, 0, 2, 4, 6, 4, 2, 0] and model.batches == [3, 4, 2]
+
+
+async def test_requests_collected_when_stop_comes_are_failed_not_lost() -> None:
+    # A long max_wait: the collector has taken the first request and waits for company when stop() cancels it.
+    model = FakeModel(1)
+    reported: list[int] = []
+    micro = MicroBatcher(
+        lambda: model, max_batch_size=8, max_wait_s=60.0, max_queue_images=64, threads=1, on_queue=reported.append
+    )
+    micro.start()
+    first = asyncio.ensure_future(micro.submit(images(2)))
+    await until(lambda: reported[-1:] == [0], "the collector took the request and is waiting for more")
+    await micro.stop()
+    with pytest.raises(ApiError) as failed:
+        await asyncio.wait_for(first, 5)
+    assert failed.value.status == 503 and failed.value.code == "shutting_down"
+    assert model.batches == [] and micro.queued_images == 0 and reported[-1] == 0
