@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed
 # Debian packages that tests and benchmarks read: real data, glyph fonts, and the static checkers of the
 # deployment files.
 APT_PACKAGES := dataset-fashion-mnist fonts-noto-core docker-compose prometheus
-# torch and torchvision first and pinned: on our machines pip takes exactly these from local disk.
+# torch and torchvision first and pinned: on our machines pip takes exactly these from local disk. The virtualenv has
+# the `bench` extra too (matplotlib, scikit-learn, tqdm): the tests run every benchmark on tiny settings, and
+# `care-bench export` writes the README's demo data; the server itself does not need it.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: help venv apt-deps serve worker test lint typecheck check-deploy bench-model bench-registry bench-accuracy \
@@ -23,7 +25,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -62,36 +64,36 @@ test: $(STAMP) apt-deps lint typecheck check-deploy
 	OMP_NUM_THREADS=2 $(BIN)/pytest -q
 
 bench-model: $(STAMP)
-	$(BIN)/care-serve bench model
+	$(BIN)/care-bench model
 
 bench-registry: $(STAMP)
-	$(BIN)/care-serve bench registry
+	$(BIN)/care-bench registry
 
 bench-accuracy: $(STAMP) apt-deps
-	$(BIN)/care-serve bench accuracy --stream fmnist5
+	$(BIN)/care-bench accuracy --stream fmnist5
 
 bench-accuracy-glyphs100: $(STAMP) apt-deps
-	$(BIN)/care-serve bench accuracy --stream glyphs100
+	$(BIN)/care-bench accuracy --stream glyphs100
 
 bench-accuracy-glyphs300: $(STAMP) apt-deps
-	$(BIN)/care-serve bench accuracy --stream glyphs300
+	$(BIN)/care-bench accuracy --stream glyphs300
 
 # One class per task: the common case of a user adding one class per upload.
 bench-accuracy-one-class: $(STAMP) apt-deps
-	$(BIN)/care-serve bench accuracy --stream fmnist10x1
-	$(BIN)/care-serve bench accuracy --stream glyphs20x1
+	$(BIN)/care-bench accuracy --stream fmnist10x1
+	$(BIN)/care-bench accuracy --stream glyphs20x1
 
 bench-serve: $(STAMP)
-	$(BIN)/care-serve bench serve
+	$(BIN)/care-bench serve
 
 bench-train: $(STAMP) apt-deps
-	$(BIN)/care-serve bench train
+	$(BIN)/care-bench train
 
 # Provisional classes (issue 12): three tasks back to back and one during training, then ten back to back.
 bench-provisional: $(STAMP) apt-deps
-	$(BIN)/python tools/bench_provisional.py --stream fmnist5 --tasks 5 --train-per-class 100 --test-per-class 50 \
+	$(BIN)/care-bench provisional --stream fmnist5 --tasks 5 --train-per-class 100 --test-per-class 50 \
 	    --late --out docs/bench/provisional_fmnist5.json
-	$(BIN)/python tools/bench_provisional.py --stream glyphs100 --classes-per-task 2 --tasks 11 \
+	$(BIN)/care-bench provisional --stream glyphs100 --classes-per-task 2 --tasks 11 \
 	    --train-per-class 100 --test-per-class 20 --out docs/bench/provisional_glyphs_10x2.json
 
 clean:

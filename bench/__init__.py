@@ -1,1 +1,1 @@
-"""Benchmark support: offline datasets and class-incremental task streams (see :mod:`service.bench.datasets`)."""
+"""Benchmark support: offline datasets and class-incremental task streams (see :mod:`bench.datasets`)."""

@@ -1,4 +1,4 @@
-"""`care-serve bench accuracy`: the served classifier against CaRE, SimpleCIL and RanPAC on class-incremental streams.
+"""`care-bench accuracy`: the served classifier against CaRE, SimpleCIL and RanPAC on class-incremental streams.
 
 Every method sees the same frozen backbone and the same images. Each image goes through the backbone below the
 first BR-MoE site once (the expensive part); the CaRE methods train and predict from that embedding with the very
@@ -32,15 +32,15 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from bench.baselines import RanPAC, SimpleCIL
+from bench.datasets import Task, make_stream
+from bench.metrics import AccuracyMatrix, evaluate_stage
+from bench.report import write_json
 from model.backbone import WEIGHTS_BUNDLED, SiteBackbone, build_backbone, bundled_weights_available, make_transform
 from model.config import ModelConfig, TrainConfig
 from model.head import AnalyticHead, HeadStatistics, block_scales, head_inputs, solve_head
 from model.network import CareModel, run_sites
 from model.trainer import Lineage, advance, embed_images, head_block_dims, learn_task_embedded
-from service.bench.baselines import RanPAC, SimpleCIL
-from service.bench.datasets import Task, make_stream
-from service.bench.metrics import AccuracyMatrix, evaluate_stage
-from service.bench.report import write_json
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)

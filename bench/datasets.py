@@ -7,7 +7,7 @@ Everything works without network access:
 * ``digits5`` - scikit-learn's bundled 8x8 digits upscaled to 32x32, 5 tasks of 2 classes; a seeded, disjoint
   per-class train/test split. Meant for quick tests.
 * ``glyphs100`` / ``glyphs300`` / ``glyphs-tiny`` - characters rendered from the Noto fonts of ``fonts-noto-core``
-  (see :mod:`service.bench.glyphs` and :mod:`service.bench.glyph_render`): 100 tasks x 10 classes, 334 tasks x 3
+  (see :mod:`bench.glyphs` and :mod:`bench.glyph_render`): 100 tasks x 10 classes, 334 tasks x 3
   classes, 3 tasks x 2 classes. These render lazily, task by task.
 
 Use :func:`make_stream`. All streams are deterministic in their arguments; class order is a seeded permutation and
@@ -29,9 +29,9 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from service.bench.glyph_render import GlyphRenderConfig, make_glyph_stream
-from service.bench.glyphs import GlyphClass, glyph_classes
-from service.bench.tasks import (
+from bench.glyph_render import GlyphRenderConfig, make_glyph_stream
+from bench.glyphs import GlyphClass, glyph_classes
+from bench.tasks import (
     Split,
     Task,
     TaskStream,

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.bench.glyphs import (
+from bench.glyphs import (
     DEFAULT_FONT_DIR,
     GlyphClass,
     glyph_mask,
@@ -39,7 +39,7 @@ from service.bench.glyphs import (
     resolve_font_dir,
     select_glyph_classes,
 )
-from service.bench.tasks import Split, SplitName, Task, TaskStream
+from bench.tasks import Split, SplitName, Task, TaskStream
 
 __all__ = ["GlyphRenderConfig", "make_glyph_stream", "render_glyph_samples", "split_fonts"]
 

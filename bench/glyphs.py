@@ -16,7 +16,7 @@ Class list (deterministic for a given set of font files):
    size or position ("o" vs "O") are treated as duplicates too.
 
 The scan takes about a second; it is memoized per (font dir, font files fingerprint) and optionally stored as JSON
-under a caller-given cache dir. Rendering of samples lives in :mod:`service.bench.glyph_render`.
+under a caller-given cache dir. Rendering of samples lives in :mod:`bench.glyph_render`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`care-serve bench model`: forward time per batch of the fast path, the reference path and the backbone alone.
+"""`care-bench model`: forward time per batch of the fast path, the reference path and the backbone alone.
 
 Random task weights (routers resident in memory) at several task counts; the paths are timed side by side,
 interleaved within each repeat so that machine noise hits them alike, and medians are reported. "served" is what a
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from bench.report import write_json
 from model import artifacts
 from model.backbone import SiteBackbone, build_backbone, bundled_weights_available
 from model.config import ModelConfig
@@ -25,7 +26,6 @@ from model.network import CareModel
 from model.routers import ResidentRouters
 from model.synthetic import random_shared, random_task
 from model.trainer import head_block_dims
-from service.bench.report import write_json
 
 logger = logging.getLogger(__name__)
 

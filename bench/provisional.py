@@ -1,4 +1,5 @@
-"""Measure provisional classes over HTTP on a real server (issue 12): 202 -> first answer naming the new class.
+"""`care-bench provisional`: provisional classes over HTTP on a real server (issue 12): 202 -> first answer naming
+the new class.
 
 Starts `care-serve serve` with its defaults (default image size, training budget) on 127.0.0.1 and a fresh data
 directory, teaches the first task of a stream and waits until it is trained, then posts the next tasks back to back
@@ -7,26 +8,21 @@ that task: the time from the 202 to that answer is the latency (p50 and max over
 images is measured on the new classes from the provisional version and once trained, and on the first task's
 classes before, during (every posted task provisional) and after (every task trained).
 
-    .venv/bin/python tools/bench_provisional.py --stream fmnist5 --tasks 3 --train-per-class 100 --out result.json
+    care-bench provisional --stream fmnist5 --tasks 3 --train-per-class 100 --out result.json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from service.bench.datasets import Task, make_stream, png_bytes
-from tests.e2e.harness import base_env, free_port, start_server
+from bench.datasets import Task, make_stream, png_bytes
 
 PROBES = 4  # test images of a task in each probe request: the first answer naming one of its classes counts
 
@@ -67,28 +63,42 @@ def wait_status(url: str, task_id: str, statuses: tuple[str, ...], timeout_s: fl
     raise TimeoutError(f"task {task_id} not {statuses} after {timeout_s}s")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stream", default="fmnist5")
-    parser.add_argument("--tasks", type=int, default=3, help="tasks in all: the first is trained, the rest measured")
-    parser.add_argument("--train-per-class", type=int, default=100)
-    parser.add_argument("--test-per-class", type=int, default=50)
-    parser.add_argument(
-        "--late", action="store_true", help="post the last task only once the first posted one is training"
-    )
-    parser.add_argument("--classes-per-task", type=int, help="glyph streams only: classes in each task")
-    parser.add_argument("--logs", type=Path, help="keep the server's log here")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    shape = {} if args.classes_per_task is None else {"classes_per_task": args.classes_per_task}
+@dataclass(frozen=True)
+class ProvisionalConfig:
+    """What `run` measures.
+
+    Attributes:
+        stream: Offline stream (see `bench.datasets.make_stream`).
+        tasks: Tasks in all: the first is trained, the rest measured.
+        train_per_class: Training images per class.
+        test_per_class: Test images per class.
+        late: Post the last task only once the first posted one is training.
+        classes_per_task: Glyph streams only: classes in each task (None: the stream's own).
+        logs: Keep the server's log here (None: a temporary directory).
+    """
+
+    stream: str = "fmnist5"
+    tasks: int = 3
+    train_per_class: int = 100
+    test_per_class: int = 50
+    late: bool = False
+    classes_per_task: int | None = None
+    logs: Path | None = None
+
+
+def run(config: ProvisionalConfig) -> dict[str, Any]:
+    """Start a server, teach the first task, post the rest and measure; returns the raw numbers."""
+    from tests.e2e.harness import base_env, free_port, start_server
+
+    shape = {} if config.classes_per_task is None else {"classes_per_task": config.classes_per_task}
     stream = make_stream(
-        args.stream, seed=0, train_per_class=args.train_per_class, test_per_class=args.test_per_class, **shape
+        config.stream, seed=0, train_per_class=config.train_per_class, test_per_class=config.test_per_class, **shape
     )
-    tasks = list(stream.tasks)[: args.tasks]
+    tasks = list(stream.tasks)[: config.tasks]
     with tempfile.TemporaryDirectory(prefix="bench-provisional-") as tmp:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        logs = args.logs or Path(tmp)
+        logs = config.logs or Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
         server = start_server("server", port, base_env(data_dir=f"{tmp}/data", device="cpu"), logs)
         try:
@@ -98,15 +108,15 @@ def main() -> int:
             time.sleep(3)  # hot-load
             old_before = accuracy(url, tasks[:1])
             measured = tasks[1:]
-            back_to_back = measured[:-1] if args.late else measured
+            back_to_back = measured[:-1] if config.late else measured
             posted = [post_task(url, task) for task in back_to_back]
             late_id = None
             latency: dict[str, float] = {}
             probes = {t: (task, task.test.images[:PROBES]) for (t, _), task in zip(posted, back_to_back, strict=True)}
             started = dict(posted)
             provisional_answer: dict[str, bool] = {}
-            while len(latency) < len(posted) or (args.late and late_id is None):
-                if args.late and late_id is None:  # post the last task once the first posted one is training
+            while len(latency) < len(posted) or (config.late and late_id is None):
+                if config.late and late_id is None:  # post the last task once the first posted one is training
                     body = httpx.get(f"{url}/tasks/{posted[0][0]}", timeout=10).json()
                     if body["status"] == "training" and (body["progress"] or {}).get("step", 0) >= 1:
                         posted.append(post_task(url, measured[-1]))
@@ -135,9 +145,9 @@ def main() -> int:
             server.stop()
     values = sorted(latency.values())
     result = {
-        "stream": args.stream,
-        "train_per_class": args.train_per_class,
-        "test_per_class": args.test_per_class,
+        "stream": config.stream,
+        "train_per_class": config.train_per_class,
+        "test_per_class": config.test_per_class,
         "measured_tasks": len(posted),
         "latency_s": {"p50": round(statistics.median(values), 2), "max": round(values[-1], 2), "all": values},
         "latency_by_task_s": {task_id: round(latency[task_id], 2) for task_id, _ in posted},
@@ -157,12 +167,4 @@ def main() -> int:
         },
         "servable_histogram": [line for line in metrics.splitlines() if line.startswith("care_task_servable_seconds")],
     }
-    text = json.dumps(result, indent=2)
-    sys.stdout.write(text + "\n")
-    if args.out:
-        args.out.write_text(text + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return result

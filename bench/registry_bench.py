@@ -1,8 +1,8 @@
-"""`care-serve bench registry`: router loads, and batch latency under router caps and task mixes.
+"""`care-bench registry`: router loads, and batch latency under router caps and task mixes.
 
 A registry of random-weight tasks is published to a temporary directory and served exactly as the server serves it
 (`SnapshotLoader`, the byte-capped router cache). Random perceptrons route every input to the same few tasks, so
-the tasks are *keyed* (`service.bench.synthetic.keyed_learned_tasks`): task t's perceptrons are most confident on
+the tasks are *keyed* (`bench.synthetic.keyed_learned_tasks`): task t's perceptrons are most confident on
 key image t, as trained ones are on their own classes, and a request "of task t" sends key image t. Batches draw
 their tasks uniformly or with Zipf(1.1) popularity (ranks shuffled, so popularity is unrelated to task age).
 """
@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bench.report import write_json
+from bench.synthetic import key_images, populate
 from model.backbone import build_backbone
 from model.config import ModelConfig
 from registry import Registry
-from service.bench.report import write_json
-from service.bench.synthetic import key_images, populate
 from service.inference.snapshot import ServedModel, SnapshotLoader
 from service.modelstore import ModelStore
 from service.routers.source import CachedRouters, new_router_cache

@@ -1,7 +1,7 @@
-"""`care-serve bench serve`: the real server under load, against the frozen backbone alone in the same run.
+"""`care-bench serve`: the real server under load, against the frozen backbone alone in the same run.
 
 One `care-serve serve --no-worker` process runs on loopback over a temporary registry of keyed random-weight tasks
-(`service.bench.synthetic.keyed_learned_tasks`: image t is routed to task t, as trained tasks route their own
+(`bench.synthetic.keyed_learned_tasks`: image t is routed to task t, as trained tasks route their own
 classes). The tasks are built once, then published as versions of 1, 10, 100 and 300 tasks; the server hot-loads
 each one and is measured on it before the next is published. Clients are asyncio coroutines in this process that
 send pre-built multipart bodies of pre-encoded images, so a request costs the client almost nothing.
@@ -50,16 +50,16 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from torch import Tensor
 
+from bench.model_bench import time_call
+from bench.registry_bench import Mix
+from bench.report import write_json
+from bench.synthetic import key_images, keyed_learned_tasks
 from model.adapter import TaskModules
 from model.alignment import ClassStatistics
 from model.backbone import SiteBackbone, make_transform
 from model.synthetic import random_task, synthetic_head
 from model.trainer import LearnedTask
 from registry import Manifest, Registry
-from service.bench.model_bench import time_call
-from service.bench.registry_bench import Mix
-from service.bench.report import write_json
-from service.bench.synthetic import key_images, keyed_learned_tasks
 from service.inference.backbone import load_backbone
 from service.inference.preprocess import Preprocessor
 from service.inference.snapshot import ServedModel, SnapshotLoader

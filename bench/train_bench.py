@@ -1,4 +1,4 @@
-"""`care-serve bench train`: how long the service takes to learn a task, as a user sees it.
+"""`care-bench train`: how long the service takes to learn a task, as a user sees it.
 
 A real `care-serve serve` (server and its training worker, default settings apart from a temporary data
 directory) on loopback; the first tasks of an offline stream (Fashion-MNIST, 2 classes x 100 images each) are
@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 
-from service.bench.datasets import make_stream, png_bytes, write_imagefolder_zip
-from service.bench.report import write_json
-from service.bench.serve_bench import ServerProcess
+from bench.datasets import make_stream, png_bytes, write_imagefolder_zip
+from bench.report import write_json
+from bench.serve_bench import ServerProcess
 from service.settings import Settings
 
 TARGET_SECONDS = 120.0  # issue 4: a task of 2 classes x 100 images trains in at most 2 minutes with the defaults
@@ -34,7 +34,7 @@ class TrainBenchConfig:
     """What `run` measures.
 
     Attributes:
-        stream: Offline stream (see `service.bench.datasets.make_stream`).
+        stream: Offline stream (see `bench.datasets.make_stream`).
         tasks: How many of its tasks to teach, one after another.
         train_per_class: Training images per class.
         test_per_class: Test images per class (predicted at the end).

@@ -28,7 +28,7 @@ import httpx
 from PIL import Image
 from tqdm import tqdm
 
-from service.bench.datasets import Task, TaskStream, make_stream, png_bytes, write_imagefolder_zip
+from bench.datasets import Task, TaskStream, make_stream, png_bytes, write_imagefolder_zip
 
 STREAM = "fmnist5"
 POLL_S = 0.5  # how often task status and the served model version are polled

@@ -32,13 +32,13 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.nn import functional as F
 
+from bench.accuracy import served_model_config
+from bench.baselines import RanPAC, SimpleCIL
+from bench.datasets import make_stream
 from model.backbone import WEIGHTS_BUNDLED, build_backbone, make_transform
 from model.head import RIDGE_GRID, TEMPERATURE_GRID, HeadStatistics, block_scales, head_inputs
 from model.network import run_sites
 from model.trainer import embed_images, head_block_dims
-from service.bench.accuracy import served_model_config
-from service.bench.baselines import RanPAC, SimpleCIL
-from service.bench.datasets import make_stream
 
 
 def random_crop(image: Image.Image, rng: random.Random, smallest: float = 0.9) -> Image.Image:

@@ -51,7 +51,7 @@ PUBLISHER = """
 import sys, torch
 from pathlib import Path
 from registry import Registry
-from service.bench.synthetic import populate
+from bench.synthetic import populate
 from service.modelstore import ModelStore
 from service.settings import Settings
 from service.inference.backbone import load_backbone

@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.datasets import Task, make_stream, png_bytes
 from registry import Registry
-from service.bench.datasets import Task, make_stream, png_bytes
 from tests.e2e.harness import CARE_SERVE, Process, alive, base_env, children, free_port, start, start_server, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]

@@ -24,8 +24,8 @@ import httpx
 import pytest
 import torch
 
+from bench.synthetic import populate
 from registry import Registry
-from service.bench.synthetic import populate
 from service.inference.backbone import load_backbone
 from service.modelstore import ModelStore
 from service.settings import Settings

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.datasets import Task, make_stream, png_bytes
 from registry import Registry
-from service.bench.datasets import Task, make_stream, png_bytes
 from tests.e2e.harness import base_env, children, free_port, start_server, wait_until
 from tests.e2e.test_crash_safety import record, teach, wait_finished
 

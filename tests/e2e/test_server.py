@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.bench.datasets import Task, make_stream, png_bytes, write_imagefolder_zip
+from bench.datasets import Task, make_stream, png_bytes, write_imagefolder_zip
 from tests.e2e.harness import alive, base_env, children, free_port, start_server, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]

@@ -36,8 +36,8 @@ import httpx
 import pytest
 import yaml
 
+from bench.datasets import Task, make_stream, png_bytes
 from registry import Registry
-from service.bench.datasets import Task, make_stream, png_bytes
 from service.jobs import JobStore, TaskRecord
 from tests.e2e.harness import CARE_SERVE, Process, free_port, start, wait_until
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.synthetic import populate
 from model.backbone import SiteBackbone, build_backbone
 from model.config import ModelConfig
 from model.routers import TaskRouters
 from registry import Registry
-from service.bench.synthetic import populate
 from service.inference.snapshot import CurrentModel, ServedModel, SnapshotLoader
 from service.modelstore import ModelStore
 from service.routers.cache import TieredLRUCache

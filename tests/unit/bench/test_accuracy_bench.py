@@ -1,4 +1,4 @@
-"""`care-serve bench accuracy` on a tiny stream: every method learns, metrics and plots are written."""
+"""`care-bench accuracy` on a tiny stream: every method learns, metrics and plots are written."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from bench.accuracy import METHOD_NAMES, PRESETS, Preset, markdown_table, run, write_report
+from bench.cli import _train_options, build_parser
 from model.config import TrainConfig
-from service.bench.accuracy import METHOD_NAMES, PRESETS, Preset, markdown_table, run, write_report
-from service.cli import _train_options, build_parser
 
 
 def test_accuracy_bench_runs_every_method_on_a_tiny_stream(tmp_path: Path) -> None:
@@ -83,7 +83,7 @@ def test_train_options_parse_as_the_field_types() -> None:
     }
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         _train_options(train, ["no_such_field=1"])
-    args = build_parser().parse_args(["bench", "accuracy", "--train-option", "covariance=diagonal"])
+    args = build_parser().parse_args(["accuracy", "--train-option", "covariance=diagonal"])
     assert args.train_option == ["covariance=diagonal"]
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from service.bench.baselines import DEFAULT_RIDGES, IncrementalClassifier, RanPAC, SimpleCIL, ridge_validation_losses
-from service.bench.metrics import (
+from bench.baselines import DEFAULT_RIDGES, IncrementalClassifier, RanPAC, SimpleCIL, ridge_validation_losses
+from bench.metrics import (
     AccuracyMatrix,
     StageResult,
     average_incremental_accuracy,

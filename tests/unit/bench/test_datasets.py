@@ -1,4 +1,4 @@
-"""Tests of the offline benchmark datasets and task streams (service.bench)."""
+"""Tests of the offline benchmark datasets and task streams (bench)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.bench import glyphs as glyphs_module
-from service.bench.datasets import (
+from bench import glyphs as glyphs_module
+from bench.datasets import (
     DIGITS_CLASSES,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
@@ -28,8 +28,8 @@ from service.bench.datasets import (
     write_imagefolder,
     write_imagefolder_zip,
 )
-from service.bench.glyph_render import GlyphRenderConfig, render_glyph_samples, split_fonts
-from service.bench.glyphs import DEFAULT_FONT_DIR, glyph_classes, select_glyph_classes
+from bench.glyph_render import GlyphRenderConfig, render_glyph_samples, split_fonts
+from bench.glyphs import DEFAULT_FONT_DIR, glyph_classes, select_glyph_classes
 
 needs_fmnist = pytest.mark.skipif(
     not (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(),

@@ -1,4 +1,4 @@
-"""`care-serve bench serve` end to end on a tiny configuration: real server processes, every phase, no failures."""
+"""`care-bench serve` end to end on a tiny configuration: real server processes, every phase, no failures."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from service.bench.serve_bench import (
+from bench.cli import build_parser
+from bench.serve_bench import (
     MetricsSnapshot,
     ServeBenchConfig,
     markdown_tables,
@@ -17,7 +18,6 @@ from service.bench.serve_bench import (
     window_stats,
     write_report,
 )
-from service.cli import build_parser
 from tests.e2e.harness import alive, children
 
 
@@ -49,7 +49,7 @@ care_router_cache_lookups_total{result="miss"} %d
 
 
 def test_cli_parses_the_serve_benchmark() -> None:
-    args = build_parser().parse_args(["bench", "serve", "--quick", "--tasks", "1,3", "--caps", "0.1,0.05"])
+    args = build_parser().parse_args(["serve", "--quick", "--tasks", "1,3", "--caps", "0.1,0.05"])
     assert args.quick and args.tasks == [1, 3] and args.caps == "0.1,0.05"
     assert args.handler.__name__ == "_bench_serve"
 

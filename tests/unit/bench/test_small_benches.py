@@ -1,4 +1,4 @@
-"""`care-serve bench model` and `bench registry` end to end on tiny settings: each writes its JSON report."""
+"""`care-bench model` and `care-bench registry` end to end on tiny settings: each writes its JSON report."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
+from bench.cli import main
 
 
 def test_model_bench_times_every_path_for_each_task_count(tmp_path: Path) -> None:
-    argv = ["bench", "model", "--backbones", "test_vit", "--tasks", "1,2", "--repeats", "1", "--batch-vit", "2"]
+    argv = ["model", "--backbones", "test_vit", "--tasks", "1,2", "--repeats", "1", "--batch-vit", "2"]
     assert main([*argv, "--image-size", "32", "--threads", "1", "--out", str(tmp_path)]) == 0
 
     report = json.loads((tmp_path / "model_bench.json").read_text())
@@ -23,7 +23,7 @@ def test_model_bench_times_every_path_for_each_task_count(tmp_path: Path) -> Non
 
 
 def test_registry_bench_reports_loads_and_latency_per_cap(tmp_path: Path) -> None:
-    argv = ["bench", "registry", "--tasks", "3", "--batches", "1", "--batch", "2", "--image-size", "32"]
+    argv = ["registry", "--tasks", "3", "--batches", "1", "--batch", "2", "--image-size", "32"]
     assert main([*argv, "--caps", "none,0.5", "--threads", "1", "--out", str(tmp_path)]) == 0
 
     report = json.loads((tmp_path / "registry_bench.json").read_text())
@@ -36,7 +36,7 @@ def test_registry_bench_reports_loads_and_latency_per_cap(tmp_path: Path) -> Non
 
 
 def test_registry_bench_refuses_a_cap_smaller_than_one_task(tmp_path: Path) -> None:
-    argv = ["bench", "registry", "--tasks", "3", "--batches", "1", "--batch", "2", "--image-size", "32"]
+    argv = ["registry", "--tasks", "3", "--batches", "1", "--batch", "2", "--image-size", "32"]
     with pytest.raises(SystemExit, match=r"--caps: caps \[0.05\] .* use caps of at least 0.50"):
         main([*argv, "--caps", "none,0.05", "--threads", "1", "--out", str(tmp_path)])
     assert not (tmp_path / "registry_bench.json").exists()

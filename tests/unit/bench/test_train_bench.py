@@ -1,4 +1,4 @@
-"""`care-serve bench train` end to end on a tiny backbone: a real server and worker learn tasks over HTTP."""
+"""`care-bench train` end to end on a tiny backbone: a real server and worker learn tasks over HTTP."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from service.bench.train_bench import TrainBenchConfig, markdown_table, run, write_report
-from service.cli import build_parser
+from bench.cli import build_parser
+from bench.train_bench import TrainBenchConfig, markdown_table, run, write_report
 from tests.e2e.harness import alive, children
 
 
 def test_cli_parses_the_train_benchmark() -> None:
-    args = build_parser().parse_args(["bench", "train", "--stream", "digits5", "--tasks", "1"])
+    args = build_parser().parse_args(["train", "--stream", "digits5", "--tasks", "1"])
     assert (args.stream, args.tasks, args.train_per_class) == ("digits5", 1, 100)
     assert args.handler.__name__ == "_bench_train"
 

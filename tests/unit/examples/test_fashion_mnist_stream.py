@@ -23,7 +23,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from service.bench.datasets import FASHION_MNIST_DIR, Split, Task, TaskStream
+from bench.datasets import FASHION_MNIST_DIR, Split, Task, TaskStream
 
 SCRIPT = Path(__file__).resolve().parents[3] / "examples" / "fashion_mnist_stream.py"
 LABELS = ("a", "b", "c", "d")  # class i is drawn with red = 10 * i
