@@ -13,6 +13,7 @@ from service.api import ops, predict, tasks
 from service.api.openapi import install_openapi
 from service.errors import install_error_handlers
 from service.housekeeping import Housekeeper
+from service.jobs import JobStoreError
 from service.settings import Settings
 from service.state import AppState, build_state
 from service.training.supervisor import WorkerSupervisor
@@ -66,7 +67,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool | None = 
             state.jobs.close()
 
     app = FastAPI(title="care-serve", version="1", description=DESCRIPTION, lifespan=lifespan)
-    install_error_handlers(app)
+    install_error_handlers(app, domain_errors=(JobStoreError,))
     app.middleware("http")(predict.record_predict_metrics)
     app.include_router(predict.router)
     app.include_router(tasks.router)

@@ -1,15 +1,20 @@
 """The API's error envelope and the one place that maps errors to HTTP responses.
 
-Every error answer has the body `{"error": {"code", "message", "details"}}` (see docs/api.md). Domain code raises
-`ApiError` (or a subclass) with a machine code and a message that says what was wrong and what to do; the
-handlers registered by `install_error_handlers` turn it into a response. Anything unexpected becomes a 500 with a
-request id and no traceback in the body: a 5xx other than 503 with Retry-After is a bug.
+Every error answer has the body `{"error": {"code", "message", "details"}}` (see docs/api.md). `ERRORS` is the
+table of the API's errors: code -> status, message template, headers and details. Routes and the batcher raise
+`api_error(code, **fields)`; the domain exceptions of layers that know nothing of HTTP (the job store) name their
+code in a `code` class attribute and reach the same table through the handler `install_error_handlers` registers
+for them. The request readers (service/ingest/) raise `ApiError` with messages they compose themselves. Anything
+unexpected becomes a 500 with a request id and no traceback in the body: a 5xx other than 503 with Retry-After is
+a bug.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -48,6 +53,106 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+Fields = dict[str, Any]
+
+
+def _retry_after(fields: Fields) -> Fields:
+    """`retry_after`: whole seconds for the Retry-After header, at least 1, from the estimate `retry_after_s`."""
+    return {"retry_after": max(1, round(fields["retry_after_s"]))}
+
+
+def _first_labels(fields: Fields) -> Fields:
+    """`count` and `shown` (the first ten, comma-separated) of `labels`."""
+    labels = fields["labels"]
+    return {"count": len(labels), "shown": ", ".join(labels[:10])}
+
+
+@dataclass(frozen=True)
+class ErrorRule:
+    """How the API answers one kind of error.
+
+    Attributes:
+        status: HTTP status code.
+        code: Machine-readable code from docs/api.md.
+        message: `str.format` template of the message, over the error's fields.
+        headers: Response headers; values are templates too (e.g. Retry-After).
+        details: Fields copied into `details`, under their own names.
+        derive: Fields computed from the others before formatting (e.g. whole seconds from an estimate).
+    """
+
+    status: int
+    code: str
+    message: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    details: tuple[str, ...] = ()
+    derive: Callable[[Fields], Fields] | None = None
+
+    def error(self, **fields: Any) -> ApiError:
+        """The `ApiError` this rule answers for `fields`."""
+        if self.derive is not None:
+            fields = {**fields, **self.derive(fields)}
+        return ApiError(
+            self.status,
+            self.code,
+            self.message.format(**fields),
+            {name: fields[name] for name in self.details},
+            {name: value.format(**fields) for name, value in self.headers.items()},
+        )
+
+
+_LABELS_TAKEN = (
+    "{count} label(s) are already learned or queued: {shown}; class-incremental learning needs new labels (rename "
+    "them, e.g. 'cat-2')"
+)
+_KEY_REUSED = (
+    "the Idempotency-Key was first used for task {task_id} with different images, labels or name; retry with exactly "
+    "the same request, or send a new key for a new task"
+)
+
+# Every error the routes, the batcher and the job store answer with, by code. docs/api.md lists the same codes.
+ERRORS: dict[str, ErrorRule] = {
+    rule.code: rule
+    for rule in (
+        ErrorRule(401, "unauthorized", "{what} required: {how}", {"WWW-Authenticate": "Bearer"}),
+        ErrorRule(403, "forbidden", "the {what} is not valid for this server"),
+        ErrorRule(404, "task_not_found", "no task {task_id!r}; GET /tasks lists the known tasks", details=("task_id",)),
+        ErrorRule(409, "label_exists", _LABELS_TAKEN, details=("labels",), derive=_first_labels),
+        ErrorRule(422, "idempotency_key_reused", _KEY_REUSED, details=("task_id",)),
+        ErrorRule(422, "validation_error", "{summary}", details=("errors",)),
+        ErrorRule(
+            429,
+            "queue_full",
+            "{max_queued} tasks are already waiting to be trained; retry later",
+            {"Retry-After": "{retry_after}"},
+            derive=_retry_after,
+        ),
+        ErrorRule(
+            429,
+            "overloaded",
+            "{queued_images} images are waiting for inference; retry after {retry_after} s or send fewer images",
+            {"Retry-After": "{retry_after}"},
+            details=("queued_images",),
+            derive=_retry_after,
+        ),
+        ErrorRule(500, "internal_error", "internal error; quote request id {request_id} when reporting it"),
+        ErrorRule(503, "not_ready", "the model is still loading", {"Retry-After": "2"}),
+        ErrorRule(503, "registry_unreadable", "the registry cannot be read: {reason}", {"Retry-After": "5"}),
+        ErrorRule(
+            503,
+            "no_classes",
+            "nothing has been learned yet: POST labelled images to /tasks first",
+            {"Retry-After": "5"},
+        ),
+        ErrorRule(503, "shutting_down", "the server is shutting down; retry", {"Retry-After": "1"}),
+    )
+}
+
+
+def api_error(code: str, **fields: Any) -> ApiError:
+    """The `ApiError` that `ERRORS[code]` answers for `fields` (raise it)."""
+    return ERRORS[code].error(**fields)
+
+
 def safe_text(text: str) -> str:
     """`text` with anything UTF-8 cannot encode (lone surrogates from undecodable bytes) as a backslash escape."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -74,6 +179,7 @@ def error_response(error: ApiError) -> JSONResponse:
     )
 
 
+# Codes of the errors FastAPI and Starlette answer themselves (unknown path, wrong method, ...), by status.
 _STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -99,12 +205,25 @@ def _allowed_methods(request: Request) -> str:
     )
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Register the envelope for ApiError, FastAPI's own errors and anything unexpected."""
+def install_error_handlers(app: FastAPI, domain_errors: tuple[type[Exception], ...] = ()) -> None:
+    """Register the envelope for ApiError, `domain_errors`, FastAPI's own errors and anything unexpected.
+
+    Args:
+        app: The application.
+        domain_errors: Base classes of exceptions that name their error code in a `code` class attribute (the job
+            store's `JobStoreError`); the handler answers them from `ERRORS`, with the exception's attributes as
+            fields. One whose `code` is None is not the client's doing and is answered like anything unexpected.
+    """
 
     async def on_api_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
         return error_response(exc)
+
+    async def on_domain_error(_: Request, exc: Exception) -> JSONResponse:
+        code = getattr(exc, "code", None)
+        if code is None:
+            raise exc  # on to on_unexpected (a 500), as if no handler had seen it
+        return error_response(api_error(code, **vars(exc)))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -120,18 +239,17 @@ def install_error_handlers(app: FastAPI) -> None:
             {"location": ".".join(str(p) for p in error.get("loc", ())), "problem": error.get("msg", "")}
             for error in exc.errors()
         ]
-        message = "; ".join(f"{p['location']}: {p['problem']}" for p in problems) or "invalid request"
-        return JSONResponse(error_body("validation_error", message, {"errors": problems}), status_code=422)
+        summary = "; ".join(f"{p['location']}: {p['problem']}" for p in problems) or "invalid request"
+        return error_response(api_error("validation_error", summary=summary, errors=problems))
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         request_id = uuid.uuid4().hex[:12]
         logger.exception("unhandled error (request id %s)", request_id, exc_info=exc)
-        return JSONResponse(
-            error_body("internal_error", f"internal error; quote request id {request_id} when reporting it"),
-            status_code=500,
-        )
+        return error_response(api_error("internal_error", request_id=request_id))
 
     app.add_exception_handler(ApiError, on_api_error)
+    for domain_error in domain_errors:
+        app.add_exception_handler(domain_error, on_domain_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(Exception, on_unexpected)

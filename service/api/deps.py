@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from pydantic import SecretStr
 
-from service.errors import ApiError
+from service.errors import api_error
 from service.state import AppState
 
 
@@ -30,9 +30,9 @@ def _check(secret: SecretStr | None, given: str | None, what: str, how: str) -> 
     if secret is None:
         return
     if given is None:
-        raise ApiError(401, "unauthorized", f"{what} required: {how}", headers={"WWW-Authenticate": "Bearer"})
+        raise api_error("unauthorized", what=what, how=how)
     if not hmac.compare_digest(given.encode(), secret.get_secret_value().encode()):
-        raise ApiError(403, "forbidden", f"the {what} is not valid for this server")
+        raise api_error("forbidden", what=what)
 
 
 def require_admin(request: Request, state: StateDep) -> None:

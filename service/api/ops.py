@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.api import openapi
 from service.api.deps import StateDep
 from service.api.schemas import ModelPublic, RouterCachePublic
-from service.errors import ApiError
+from service.errors import api_error
 
 router = APIRouter()
 
@@ -27,13 +27,11 @@ async def healthz() -> dict[str, str]:
 )
 async def readyz(state: StateDep) -> dict[str, object]:
     if not state.ready.is_set():
-        raise ApiError(503, "not_ready", "the model is still loading", headers={"Retry-After": "2"})
+        raise api_error("not_ready")
     try:
         await anyio.to_thread.run_sync(state.registry.current_version)
     except Exception as exc:
-        raise ApiError(
-            503, "registry_unreadable", f"the registry cannot be read: {exc}", headers={"Retry-After": "5"}
-        ) from exc
+        raise api_error("registry_unreadable", reason=exc) from exc
     return {"status": "ready", "model_version": state.served().version}
 
 

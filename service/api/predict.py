@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from service.api import openapi
 from service.api.deps import StateDep, require_api_key
 from service.api.schemas import ImagePrediction, PredictResponse, ScoredLabel
-from service.errors import ApiError
+from service.errors import api_error
 from service.ingest.uploads import read_predict_images
 
 router = APIRouter()
@@ -32,12 +32,7 @@ async def predict(
     files = await read_predict_images(request, state.limits)
     images = await state.decoders.run(files)
     if state.served().model is None:
-        raise ApiError(
-            503,
-            "no_classes",
-            "nothing has been learned yet: POST labelled images to /tasks first",
-            headers={"Retry-After": "5"},
-        )
+        raise api_error("no_classes")
     result = await state.batcher.submit(images)
     assert result.model.version is not None
     return PredictResponse(

@@ -10,23 +10,14 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from service.api import openapi
 from service.api.deps import StateDep, require_admin
 from service.api.schemas import TaskAccepted, TaskPublic
-from service.errors import ApiError
 from service.ingest.images import validate_images
 from service.ingest.uploads import TaskUpload, read_task_upload
-from service.jobs import IdempotencyKeyReused, LabelConflict, QueueFull, TaskNotFound, TaskRecord
+from service.jobs import LabelConflict, TaskRecord
 from service.state import AppState
 
+# The job store's errors (LabelConflict, IdempotencyKeyReused, QueueFull, TaskNotFound) are answered by the handler
+# of service/errors.py, from its table: no route maps them.
 router = APIRouter(dependencies=[Depends(require_admin)])
-
-
-def _conflict(labels: list[str]) -> ApiError:
-    return ApiError(
-        409,
-        "label_exists",
-        f"{len(labels)} label(s) are already learned or queued: {', '.join(labels[:10])}; class-incremental learning "
-        "needs new labels (rename them, e.g. 'cat-2')",
-        {"labels": labels},
-    )
 
 
 @router.post(
@@ -54,37 +45,19 @@ async def submit_task(
 async def _store(upload: TaskUpload, response: Response, state: AppState, idempotency_key: str | None) -> TaskAccepted:
     if idempotency_key is None:
         # Cheap early answer; the job store checks again atomically when it stores the task.
-        known = sorted(set(upload.classes) & state.jobs.known_labels())
+        known = set(upload.classes) & state.jobs.known_labels()
         if known:
-            raise _conflict(known)
+            raise LabelConflict(known)
     await anyio.to_thread.run_sync(validate_images, upload.images, state.limits)
-    try:
-        result = await anyio.to_thread.run_sync(
-            lambda: state.jobs.submit(
-                upload.images,
-                upload.labels,
-                name=upload.name,
-                idempotency_key=idempotency_key,
-                max_queued=state.settings.max_queued_tasks,
-            )
+    result = await anyio.to_thread.run_sync(
+        lambda: state.jobs.submit(
+            upload.images,
+            upload.labels,
+            name=upload.name,
+            idempotency_key=idempotency_key,
+            max_queued=state.settings.max_queued_tasks,
         )
-    except LabelConflict as conflict:
-        raise _conflict(sorted(conflict.labels)) from conflict
-    except IdempotencyKeyReused as reused:
-        raise ApiError(
-            422,
-            "idempotency_key_reused",
-            f"the Idempotency-Key was first used for task {reused.task_id} with different images, labels or name; "
-            "retry with exactly the same request, or send a new key for a new task",
-            {"task_id": reused.task_id},
-        ) from reused
-    except QueueFull as full:
-        raise ApiError(
-            429,
-            "queue_full",
-            f"{state.settings.max_queued_tasks} tasks are already waiting to be trained; retry later",
-            headers={"Retry-After": str(max(1, round(full.retry_after_s)))},
-        ) from full
+    )
     record = result.record
     response.headers["Location"] = f"/tasks/{record.task_id}"
     return TaskAccepted(
@@ -113,12 +86,7 @@ def _public(
     responses=openapi.GET_TASK_RESPONSES,
 )
 async def get_task(task_id: str, state: StateDep) -> TaskPublic:
-    try:
-        record = await anyio.to_thread.run_sync(state.jobs.get, task_id)
-    except TaskNotFound as missing:
-        raise ApiError(
-            404, "task_not_found", f"no task {task_id!r}; GET /tasks lists the known tasks", {"task_id": task_id}
-        ) from missing
+    record = await anyio.to_thread.run_sync(state.jobs.get, task_id)
     served = state.served()
     return _public(record, served.version, served.provisional_ids)
 

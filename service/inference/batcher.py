@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from service.errors import ApiError
+from service.errors import api_error
 from service.inference.snapshot import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -110,21 +110,16 @@ class MicroBatcher:
     def _fail_all(pending: list[_Pending]) -> None:
         for item in pending:
             if not item.future.done():
-                item.future.set_exception(
-                    ApiError(503, "shutting_down", "the server is shutting down; retry", headers={"Retry-After": "1"})
-                )
+                item.future.set_exception(api_error("shutting_down"))
 
     async def submit(self, images: Tensor) -> BatchResult:
         """Queue preprocessed images (n, 3, H, W) and wait for their probabilities."""
         count = int(images.shape[0])
         if self._queued_images + count > self.max_queue_images:
-            retry = max(1, round(self._queued_images * self._seconds_per_image))
-            raise ApiError(
-                429,
+            raise api_error(
                 "overloaded",
-                f"{self._queued_images} images are waiting for inference; retry after {retry} s or send fewer images",
-                {"queued_images": self._queued_images},
-                {"Retry-After": str(retry)},
+                queued_images=self._queued_images,
+                retry_after_s=self._queued_images * self._seconds_per_image,
             )
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(images, future))

@@ -1,16 +1,26 @@
 """Exceptions of the job store (see service.jobs, which re-exports them).
 
 Every message says what was wrong and what to do next; structured attributes carry what the HTTP layer needs
-(``LabelConflict.labels`` for the 409 details, ``QueueFull.retry_after_s`` for the Retry-After header).
+(``LabelConflict.labels`` for the 409 details, ``QueueFull.retry_after_s`` for the Retry-After header). An error a
+client can cause names its API error code (docs/api.md) in ``code``; service/errors.py's table says how it is
+answered. The job store knows nothing of HTTP: a code is only a name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 
 class JobStoreError(Exception):
-    """Base class of every error raised by the job store."""
+    """Base class of every error raised by the job store.
+
+    Attributes:
+        code: The API error code of the condition (a key of service.errors.ERRORS), or None for an error that is
+            not the client's doing (a bug or damage; answered 500).
+    """
+
+    code: ClassVar[str | None] = None
 
 
 class TaskNotFound(JobStoreError):
@@ -19,6 +29,8 @@ class TaskNotFound(JobStoreError):
     Args:
         task_id: The id that was asked for.
     """
+
+    code = "task_not_found"
 
     def __init__(self, task_id: str) -> None:
         super().__init__(f"no task with id {task_id!r}; GET /tasks lists the known tasks")
@@ -31,6 +43,8 @@ class LabelConflict(JobStoreError):
     Args:
         labels: The conflicting labels; stored sorted and without duplicates.
     """
+
+    code = "label_exists"
 
     def __init__(self, labels: Iterable[str]) -> None:
         self.labels = sorted(set(labels))
@@ -47,6 +61,8 @@ class IdempotencyKeyReused(JobStoreError):
         key: The reused key.
         task_id: The task the key's first request created.
     """
+
+    code = "idempotency_key_reused"
 
     def __init__(self, key: str, task_id: str) -> None:
         super().__init__(
@@ -65,6 +81,8 @@ class QueueFull(JobStoreError):
         max_queued: The configured bound.
         retry_after_s: Estimated seconds until a slot frees up.
     """
+
+    code = "queue_full"
 
     def __init__(self, pending: int, max_queued: int, retry_after_s: float) -> None:
         super().__init__(
