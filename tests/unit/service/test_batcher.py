@@ -146,7 +146,7 @@ async def test_full_queue_is_refused_with_retry_after_and_stop_fails_the_rest() 
 
 async def test_the_queue_is_reported_as_requests_are_queued_and_taken_into_batches() -> None:
     gate = threading.Event()
-    model = FakeModel(1, gate)
+    model: Any = FakeModel(1, gate)
     reported: list[int] = []
     micro = MicroBatcher(
         lambda: model, max_batch_size=4, max_wait_s=0.0, max_queue_images=64, threads=1, on_queue=reported.append
@@ -166,7 +166,7 @@ async def test_the_queue_is_reported_as_requests_are_queued_and_taken_into_batch
 
 async def test_requests_collected_when_stop_comes_are_failed_not_lost() -> None:
     # A long max_wait: the collector has taken the first request and waits for company when stop() cancels it.
-    model = FakeModel(1)
+    model: Any = FakeModel(1)
     reported: list[int] = []
     micro = MicroBatcher(
         lambda: model, max_batch_size=8, max_wait_s=60.0, max_queue_images=64, threads=1, on_queue=reported.append
