@@ -11,20 +11,33 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any, cast
 
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_image as decode_with_torchvision
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from service.errors import ApiError
 from service.ingest.limits import UploadLimits
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SUPPORTED_FORMATS", "decode_image", "validate_images"]
+__all__ = ["SUPPORTED_FORMATS", "decode_image", "decode_image_tensor", "validate_images"]
 
 # NOTE: an explicit allow-list keeps exotic plugins out of the attack surface (EPS would even start Ghostscript).
 SUPPORTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+# torchvision 0.29 marks its decoders deprecated in favour of TorchCodec; they are what it ships and tests today, and
+# every file they do not take goes through Pillow (see `decode_image_tensor`). Said once here, not on every request.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated")
+# Decoded by libjpeg-turbo / libpng straight into a tensor when nothing Pillow does on top would change the pixels.
+_TENSOR_FORMATS = ("JPEG", "PNG")
+_TENSOR_MODES = ("RGB", "L")
+_EXIF_ORIENTATION = 0x0112
 # How many problems a message spells out; `details` always lists all of them.
 _MESSAGE_ITEMS = 5
 
@@ -84,7 +97,8 @@ def _apply_orientation(image: Image.Image, name: str) -> Image.Image:
         return image.copy()  # a new object, like exif_transpose's result: the caller closes the original
 
 
-def _decode(name: str, data: bytes, limits: UploadLimits) -> Image.Image:
+def _open(data: bytes, limits: UploadLimits) -> Image.Image:
+    """The image's header, read and checked against the limits; no pixel is decoded yet."""
     if not data:
         raise _ImageProblem("is empty (0 bytes)")
     if len(data) > limits.max_image_bytes:
@@ -98,9 +112,20 @@ def _decode(name: str, data: bytes, limits: UploadLimits) -> Image.Image:
         raise _ImageProblem("is not an image in a supported format") from exc
     except Exception as exc:  # Pillow raises many types on hostile headers; all mean "bad file"
         raise _ImageProblem(f"has an unreadable header ({type(exc).__name__}: {exc})") from exc
+    try:
+        _check_pixels(image.size, limits)  # the header gave the size: refuse before any pixel buffer is allocated
+    except _ImageProblem:
+        image.close()
+        raise
+    return image
+
+
+def _decode(name: str, data: bytes, limits: UploadLimits) -> Image.Image:
+    return _decode_opened(name, _open(data, limits), limits)
+
+
+def _decode_opened(name: str, image: Image.Image, limits: UploadLimits) -> Image.Image:
     with image:
-        # The header gave the size; refuse before a single pixel buffer is allocated.
-        _check_pixels(image.size, limits)
         try:
             image.load()  # a full decode: verify() alone misses truncated pixel data
             _check_pixels(image.size, limits)  # a few plugins (ICO-like, JPEG draft) settle the size only on load
@@ -116,6 +141,50 @@ def _decode(name: str, data: bytes, limits: UploadLimits) -> Image.Image:
     if decoded.mode != "RGB":  # an internal invariant of _to_rgb, checked for real because -O strips asserts
         raise RuntimeError(f"conversion of {name!r} produced mode {decoded.mode}, expected RGB")
     return decoded
+
+
+def _tensor_decodable(image: Image.Image, data: bytes) -> bool:
+    """Whether libjpeg/libpng's RGB output is what the Pillow path would give: 8-bit RGB or grey, no alpha or
+    transparency to composite, no EXIF rotation, and (JPEG) not cut short, which Pillow refuses and libjpeg pads."""
+    if image.format not in _TENSOR_FORMATS or image.mode not in _TENSOR_MODES or "transparency" in image.info:
+        return False
+    if image.format == "JPEG" and not data.endswith(b"\xff\xd9"):
+        return False
+    if image.format == "PNG":
+        # Pillow's PNG getexif() decodes the whole image to find a late eXIf chunk: any EXIF at all takes the
+        # Pillow path instead, and one that comes after the pixels (rare) is not looked for.
+        return "exif" not in image.info
+    try:
+        orientation: object = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # unreadable EXIF: the Pillow path decides what to do with it
+        return False
+    return orientation == 1
+
+
+def _decode_tensor(name: str, data: bytes, limits: UploadLimits) -> Tensor:
+    image = _open(data, limits)
+    if _tensor_decodable(image, data):
+        pixels: Tensor | None
+        try:
+            pixels = decode_with_torchvision(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+        except Exception:  # corrupt data: Pillow's full decode below gives the reason
+            pixels = None
+        if pixels is not None and pixels.dtype == torch.uint8 and tuple(pixels.shape) == (3, image.height, image.width):
+            image.close()
+            return pixels
+    rgb: Tensor = pil_to_tensor(_decode_opened(name, image, limits))
+    return rgb
+
+
+def _api_error(name: str, problem: _ImageProblem) -> ApiError:
+    status, code = (413, "too_large") if problem.too_large else (422, "invalid_image")
+    advice = "downscale it" if problem.too_large else f"send a complete {'/'.join(_available_formats())} file"
+    return ApiError(
+        status,
+        code,
+        f"image {name!r} {problem.reason}; {advice}",
+        {"images": [{"name": name, "reason": problem.reason}]},
+    )
 
 
 def _summary(problems: Sequence[dict[str, Any]]) -> str:
@@ -146,14 +215,20 @@ def decode_image(name: str, data: bytes, limits: UploadLimits) -> Image.Image:
     try:
         return _decode(name, data, limits)
     except _ImageProblem as problem:
-        status, code = (413, "too_large") if problem.too_large else (422, "invalid_image")
-        advice = "downscale it" if problem.too_large else f"send a complete {'/'.join(_available_formats())} file"
-        raise ApiError(
-            status,
-            code,
-            f"image {name!r} {problem.reason}; {advice}",
-            {"images": [{"name": name, "reason": problem.reason}]},
-        ) from problem
+        raise _api_error(name, problem) from problem
+
+
+def decode_image_tensor(name: str, data: bytes, limits: UploadLimits) -> Tensor:
+    """`decode_image`'s pixels as a (3, H, W) uint8 tensor, with the same checks and errors.
+
+    Plain 8-bit RGB or grey JPEG and PNG files (what clients send) are decoded by libjpeg-turbo / libpng through
+    torchvision without a PIL image (the same pixels as Pillow's decoders). Everything else (alpha, palettes,
+    16-bit, EXIF rotation, truncated or corrupt data, other formats) takes the Pillow path of `decode_image`.
+    """
+    try:
+        return _decode_tensor(name, data, limits)
+    except _ImageProblem as problem:
+        raise _api_error(name, problem) from problem
 
 
 def validate_images(images: Sequence[tuple[str, bytes]], limits: UploadLimits) -> None:
