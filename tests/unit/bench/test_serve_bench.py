@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bench.cli import build_parser
+from bench.cli import build_parser, machine_description
 from bench.serve_bench import (
     MetricsSnapshot,
     ServeBenchConfig,
@@ -19,6 +21,23 @@ from bench.serve_bench import (
     write_report,
 )
 from tests.e2e.harness import alive, children
+
+REFERENCE = Path(__file__).resolve().parents[3] / "docs" / "bench" / "serve_bench.json"
+# Dicts keyed by data (batch sizes, histogram buckets), not by name: their keys are not part of the shape.
+DATA_KEYED = ("batch_size_histogram", "backbone_images_per_s", "backbone_images_per_s_after")
+
+
+def key_paths(value: Any, path: str = "") -> list[str]:
+    """Every key path of a JSON value in the order it first appears (list items merged; data-keyed dicts as *)."""
+    seen: dict[str, None] = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{path}.*" if path.rsplit(".", 1)[-1] in DATA_KEYED else f"{path}.{key}"
+            seen.update(dict.fromkeys([name, *key_paths(item, name)]))
+    elif isinstance(value, list):
+        for item in value:
+            seen.update(dict.fromkeys(key_paths(item, f"{path}[]")))
+    return list(seen)
 
 
 def test_percentile_interpolates() -> None:
@@ -98,8 +117,9 @@ def test_serve_bench_runs_every_phase(tmp_path: Path, monkeypatch: pytest.Monkey
     assert verdicts["failed requests over 2 publishes under load"] is True
     assert len(verdicts) == 4  # no 10-task row and no 10 % cap in this run: those targets are left out
 
-    path = write_report(result, tmp_path, {"command": "test"})
-    assert path.is_file()
+    path = write_report(result, tmp_path, machine_description())
+    # The JSON keeps the shape of the published reference: the same keys, in the same order.
+    assert key_paths(json.loads(path.read_text())) == key_paths(json.loads(REFERENCE.read_text()))
     for name in ("latency", "throughput", "cache"):
         assert (tmp_path / f"serve_bench_{name}.png").stat().st_size > 0
     assert "| target | value | limit | met |" in markdown_tables(result)
