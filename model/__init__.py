@@ -22,6 +22,7 @@ from model.head import RIDGE_GRID, AnalyticHead, HeadStatistics
 from model.network import CareModel
 from model.routers import ResidentRouters, RouterSource, TaskRouters
 from model.synthetic import random_shared, random_task, synthetic_head
+from model.tensor_transform import TensorTransform, tensor_transform
 from model.trainer import LearnedTask, Lineage, TrainProgress, advance, embed_images, learn_task, served_features
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "RouterSource",
     "SiteBackbone",
     "TaskRouters",
+    "TensorTransform",
     "TrainConfig",
     "TrainProgress",
     "advance",
@@ -56,4 +58,5 @@ __all__ = [
     "random_task",
     "served_features",
     "synthetic_head",
+    "tensor_transform",
 ]
