@@ -23,8 +23,10 @@ from typing import Any
 import httpx
 
 from bench.datasets import Task, make_stream, png_bytes
+from bench.harness import base_env, free_port, start_server, wait_task
 
 PROBES = 4  # test images of a task in each probe request: the first answer naming one of its classes counts
+TRAIN_TIMEOUT_S = 1800.0  # for a task to be trained, once posted
 
 
 def post_task(url: str, task: Task) -> tuple[str, float]:
@@ -53,16 +55,6 @@ def accuracy(url: str, tasks: list[Task]) -> dict[str, Any]:
     return {"accuracy": round(correct / len(labels), 4), "versions": sorted({a["model_version"] for a in answers})}
 
 
-def wait_status(url: str, task_id: str, statuses: tuple[str, ...], timeout_s: float = 1800) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        body: dict[str, Any] = httpx.get(f"{url}/tasks/{task_id}", timeout=10).json()
-        if body["status"] in statuses:
-            return body
-        time.sleep(0.5)
-    raise TimeoutError(f"task {task_id} not {statuses} after {timeout_s}s")
-
-
 @dataclass(frozen=True)
 class ProvisionalConfig:
     """What `run` measures.
@@ -88,8 +80,6 @@ class ProvisionalConfig:
 
 def run(config: ProvisionalConfig) -> dict[str, Any]:
     """Start a server, teach the first task, post the rest and measure; returns the raw numbers."""
-    from tests.e2e.harness import base_env, free_port, start_server
-
     shape = {} if config.classes_per_task is None else {"classes_per_task": config.classes_per_task}
     stream = make_stream(
         config.stream, seed=0, train_per_class=config.train_per_class, test_per_class=config.test_per_class, **shape
@@ -103,7 +93,7 @@ def run(config: ProvisionalConfig) -> dict[str, Any]:
         server = start_server("server", port, base_env(data_dir=f"{tmp}/data", device="cpu"), logs)
         try:
             first, _ = post_task(url, tasks[0])
-            trained_first = wait_status(url, first, ("ready", "failed"))
+            trained_first = wait_task(url, first, server.tail, TRAIN_TIMEOUT_S, interval_s=0.5)
             assert trained_first["status"] == "ready", trained_first
             time.sleep(3)  # hot-load
             old_before = accuracy(url, tasks[:1])
@@ -136,7 +126,7 @@ def run(config: ProvisionalConfig) -> dict[str, Any]:
             old_during = accuracy(url, tasks[:1])
             during_model = httpx.get(f"{url}/model", timeout=10).json()
             for task_id, _ in posted:
-                wait_status(url, task_id, ("ready", "failed"))
+                wait_task(url, task_id, server.tail, TRAIN_TIMEOUT_S, interval_s=0.5)
             time.sleep(3)
             new_trained = accuracy(url, tasks[1:])
             old_after = accuracy(url, tasks[:1])

@@ -54,17 +54,7 @@ def _timestamp(text: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def _wait(probe: Callable[[], dict[str, Any] | None], timeout_s: float, what: str) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        answer = probe()
-        if answer is not None:
-            return answer
-        time.sleep(0.2)
-    raise TimeoutError(f"{what} took longer than {timeout_s:.0f} s")
-
-
-def teach(client: httpx.Client, archive: bytes, timeout_s: float) -> dict[str, Any]:
+def teach(client: httpx.Client, archive: bytes, timeout_s: float, server: ServerProcess) -> dict[str, Any]:
     """Upload one task, wait until it is ready and served; returns its timings (seconds) and final record."""
     accepted_at = time.perf_counter()
     response = client.post("/tasks", files={"archive": ("task.zip", archive, "application/zip")})
@@ -78,7 +68,7 @@ def teach(client: httpx.Client, archive: bytes, timeout_s: float) -> dict[str, A
             raise RuntimeError(f"task {task_id} failed: {record['error']}")
         return record if record["status"] == "ready" else None
 
-    record = _wait(finished, timeout_s, f"training task {task_id}")
+    record = server.process.wait(f"training task {task_id}", finished, timeout_s, interval_s=0.2)
     ready_at = time.perf_counter()
     version = int(record["model_version"])
 
@@ -86,7 +76,7 @@ def teach(client: httpx.Client, archive: bytes, timeout_s: float) -> dict[str, A
         model: dict[str, Any] = client.get("/model").json()
         return model if (model["model_version"] or 0) >= version else None
 
-    _wait(serving, timeout_s, f"serving version {version}")
+    server.process.wait(f"serving version {version}", serving, timeout_s, interval_s=0.2)
     served_at = time.perf_counter()
     return {
         "task_id": task_id,
@@ -131,7 +121,7 @@ def run(config: TrainBenchConfig, progress: Callable[[str], None]) -> dict[str, 
                 for task in tasks:
                     archive = io.BytesIO()
                     write_imagefolder_zip(task, archive)
-                    row = teach(client, archive.getvalue(), config.timeout_s)
+                    row = teach(client, archive.getvalue(), config.timeout_s, server)
                     progress(
                         f"task {task.index} ({', '.join(row['classes'])}, {row['num_images']} images): ready after "
                         f"{row['accepted_to_ready_s']:.1f} s (training {row['training_s']:.1f} s), served after "

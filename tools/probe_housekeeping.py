@@ -32,7 +32,7 @@ import httpx
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.harness import CARE_SERVE, base_env, free_port, start_server, wait_until
+from bench.harness import CARE_SERVE, base_env, free_port, start_server, wait_until
 
 ENV = {
     "backbone": "test_vit",

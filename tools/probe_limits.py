@@ -1,6 +1,6 @@
 """Measure care-serve's bounds on slow and concurrent requests (docs/reliability.md); not a test, a probe.
 
-Starts a real `care-serve serve --no-worker` on a loopback port (the tests' harness) and measures:
+Starts a real `care-serve serve --no-worker` on a loopback port (bench/harness.py) and measures:
 
 1. slowloris: N connections that send a request line, then one header byte a second forever; when is each one
    closed, and how many file descriptors does the server hold before, at the peak and afterwards;
@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from tests.e2e.harness import base_env, free_port, start_server
+from bench.harness import base_env, free_port, start_server
 
 
 def open_fds(pid: int) -> int:

@@ -3,15 +3,7 @@ say over a window."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,20 +11,9 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.harness import care_serve_argv, clean_env, free_port, rss_bytes, start
 from bench.serve_bench.rows import WindowStats
 from service.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def server_command() -> list[str]:
-    """`care-serve` next to this interpreter (a virtualenv's script), else the module."""
-    script = Path(sys.executable).with_name("care-serve")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "service.cli"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +79,7 @@ def window_stats(before: MetricsSnapshot, after: MetricsSnapshot) -> WindowStats
 
 
 class ServerProcess:
-    """One `care-serve serve` on a loopback port, in its own session so it can always be stopped.
+    """One `care-serve serve` on a loopback port (a `bench.harness.Process`, so it can always be stopped).
 
     Args:
         name: For logs.
@@ -111,12 +92,9 @@ class ServerProcess:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CARE_")}
-        env.update(settings.environment())
-        env.update({"HF_HUB_OFFLINE": "1", "CARE_PORT": str(self.port), "CARE_HOST": "127.0.0.1"})
-        self.log = log_dir / f"{name}.log"
+        env = clean_env({**settings.environment(), "CARE_PORT": str(self.port), "CARE_HOST": "127.0.0.1"})
         argv = [
-            *server_command(),
+            *care_serve_argv(),
             "serve",
             *([] if worker else ["--no-worker"]),
             "--port",
@@ -124,59 +102,34 @@ class ServerProcess:
             "--data-dir",
             str(settings.data_dir),
         ]
-        with self.log.open("wb") as out:
-            self.popen = subprocess.Popen(
-                argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-            )
+        self.process = start(name, argv, env, log_dir)
 
     @property
     def pid(self) -> int:
-        return self.popen.pid
+        return self.process.pid
 
     def tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    def _wait(self, what: str, probe: Callable[[], bool], timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"server {self.name} exited with {self.popen.returncode}:\n{self.tail()}")
-            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-                if probe():
-                    return
-            time.sleep(0.05)
-        raise TimeoutError(f"server {self.name}: no {what} after {timeout_s:.0f} s:\n{self.tail()}")
+        return self.process.tail(lines)
 
     def wait_ready(self, timeout_s: float = 300.0) -> None:
-        self._wait("readiness", lambda: httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200, timeout_s)
+        self.process.wait_ready(self.url, timeout_s, interval_s=0.05)
 
     def model(self) -> dict[str, Any]:
         answer: dict[str, Any] = httpx.get(f"{self.url}/model", timeout=10).json()
         return answer
 
     def wait_version(self, version: int, timeout_s: float = 600.0) -> None:
-        self._wait(f"version {version}", lambda: (self.model()["model_version"] or 0) >= version, timeout_s)
+        def served() -> bool | None:
+            return True if (self.model()["model_version"] or 0) >= version else None
+
+        self.process.wait(f"{self.name} to serve version {version}", served, timeout_s, interval_s=0.05)
 
     def metrics(self) -> MetricsSnapshot:
         return MetricsSnapshot.parse(httpx.get(f"{self.url}/metrics", timeout=10).text)
 
     def rss_bytes(self) -> int:
         """Resident set size of the server process (Linux; 0 elsewhere)."""
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        return rss_bytes(self.pid)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.terminate()
-            try:
-                self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)  # its own session: only this server
-                self.popen.wait(10)
+        self.process.stop(timeout_s)

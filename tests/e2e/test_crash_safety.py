@@ -19,8 +19,19 @@ import httpx
 import pytest
 
 from bench.datasets import Task, make_stream, png_bytes
+from bench.harness import (
+    CARE_SERVE,
+    Process,
+    alive,
+    base_env,
+    children,
+    free_port,
+    start,
+    start_server,
+    wait_task,
+    wait_until,
+)
 from registry import Registry
-from tests.e2e.harness import CARE_SERVE, Process, alive, base_env, children, free_port, start, start_server, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -69,12 +80,7 @@ def wait_training(url: str, task_id: str, logs: Any) -> None:
 
 
 def wait_finished(url: str, task_id: str, logs: Any) -> dict[str, Any]:
-    def finished() -> dict[str, Any] | None:
-        body = record(url, task_id)
-        return body if body["status"] in ("ready", "failed") else None
-
-    result: dict[str, Any] = wait_until(f"task {task_id} to finish", finished, 300, logs)
-    return result
+    return wait_task(url, task_id, logs, 300)
 
 
 def check_registry(data_dir: Path, ready_task_ids: list[str]) -> None:

@@ -24,12 +24,12 @@ import httpx
 import pytest
 import torch
 
+from bench.harness import base_env, free_port, start_server, wait_until
 from bench.synthetic import populate
 from registry import Registry
 from service.inference.backbone import load_backbone
 from service.modelstore import ModelStore
 from service.settings import Settings
-from tests.e2e.harness import base_env, free_port, start_server, wait_until
 from tests.integration.conftest import task_files
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(240)]

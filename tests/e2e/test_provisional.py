@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from bench.datasets import Task, make_stream, png_bytes
+from bench.harness import base_env, children, free_port, start_server, wait_until
 from registry import Registry
-from tests.e2e.harness import base_env, children, free_port, start_server, wait_until
 from tests.e2e.test_crash_safety import record, teach, wait_finished
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.datasets import Task, make_stream, png_bytes, write_imagefolder_zip
-from tests.e2e.harness import alive, base_env, children, free_port, start_server, wait_until
+from bench.harness import alive, base_env, children, free_port, start_server, wait_task, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -53,11 +53,7 @@ def teach_zip(url: str, task: Task) -> str:
 
 
 def wait_ready(url: str, task_id: str, logs: Any) -> dict[str, Any]:
-    def finished() -> dict[str, Any] | None:
-        body: dict[str, Any] = httpx.get(f"{url}/tasks/{task_id}", timeout=10).json()
-        return body if body["status"] in ("ready", "failed") else None
-
-    record: dict[str, Any] = wait_until(f"task {task_id}", finished, 240, logs)
+    record = wait_task(url, task_id, logs, 240)
     assert record["status"] == "ready", record
     return record
 

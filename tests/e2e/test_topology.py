@@ -37,9 +37,9 @@ import pytest
 import yaml
 
 from bench.datasets import Task, make_stream, png_bytes
+from bench.harness import CARE_SERVE, Process, free_port, start, wait_task, wait_until
 from registry import Registry
 from service.jobs import JobStore, TaskRecord
-from tests.e2e.harness import CARE_SERVE, Process, free_port, start, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -219,11 +219,7 @@ def teach(server: Server, task: Task) -> str:
 
 
 def wait_learned(stack: Stack, server: Server, task_id: str) -> dict[str, Any]:
-    def finished() -> dict[str, Any] | None:
-        body: dict[str, Any] = httpx.get(f"{server.url}/tasks/{task_id}", timeout=10).json()
-        return body if body["status"] in ("ready", "failed") else None
-
-    record = wait_until(f"task {task_id} to be learned", finished, TRAIN_TIMEOUT_S, stack.logs)
+    record = wait_task(server.url, task_id, stack.logs, TRAIN_TIMEOUT_S)
     assert record["status"] == "ready", f"{record}\n{stack.logs()}"
     return record
 

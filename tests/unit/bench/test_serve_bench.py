@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from bench.cli import build_parser, machine_description
+from bench.harness import alive, children
 from bench.serve_bench import (
     MetricsSnapshot,
     ServeBenchConfig,
@@ -20,7 +21,6 @@ from bench.serve_bench import (
     window_stats,
     write_report,
 )
-from tests.e2e.harness import alive, children
 
 REFERENCE = Path(__file__).resolve().parents[3] / "docs" / "bench" / "serve_bench.json"
 # Dicts keyed by data (batch sizes, histogram buckets), not by name: their keys are not part of the shape.

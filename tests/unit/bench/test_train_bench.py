@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from bench.cli import build_parser
+from bench.harness import alive, children
 from bench.train_bench import TrainBenchConfig, markdown_table, run, write_report
-from tests.e2e.harness import alive, children
 
 
 def test_cli_parses_the_train_benchmark() -> None:
