@@ -1,9 +1,10 @@
-"""The servers `care-bench serve` measures: `care-serve serve` processes on loopback ports, and what their /metrics
-say over a window."""
+"""The servers `care-bench serve` measures: `care-serve serve` processes on loopback ports, what their /metrics say
+over a window, and the minimal baseline server (`bench.serve_bench.baseline`) in a process of its own."""
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,31 @@ class ServerProcess:
 
     def rss_bytes(self) -> int:
         """Resident set size of the server process (Linux; 0 elsewhere)."""
+        return rss_bytes(self.pid)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.process.stop(timeout_s)
+
+
+class BaselineProcess:
+    """The minimal FastAPI baseline (`python -m bench.serve_bench.baseline`) on a loopback port, started with the
+    care-serve servers' CARE_ variables: the same backbone, weights, image size, device and torch threads."""
+
+    def __init__(self, settings: Settings, log_dir: Path, name: str = "baseline") -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "bench.serve_bench.baseline", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process = start(name, argv, clean_env(settings.environment()), log_dir)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        self.process.wait_ready(self.url, timeout_s, interval_s=0.05)
+
+    def rss_bytes(self) -> int:
         return rss_bytes(self.pid)
 
     def stop(self, timeout_s: float = 30.0) -> None:
