@@ -127,7 +127,8 @@ async def send(client: httpx.AsyncClient, url: str, body: bytes, images: int, to
     ended = time.perf_counter()
     version = None
     if response.status_code == 200:
-        version = int(json.loads(response.content)["model_version"])
+        served = json.loads(response.content).get("model_version")  # the baseline server has no versions
+        version = None if served is None else int(served)
     else:
         logger.warning("request answered %d: %s", response.status_code, response.text[:300])
     return Record(started, ended, response.status_code, images, version)

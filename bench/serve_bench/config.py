@@ -19,6 +19,8 @@ TARGET_REFERENCE_OVER_FAST = 5.0
 TARGET_THROUGHPUT_OVER_BACKBONE = 0.8
 TARGET_CAP_FRACTION = 0.1
 TARGET_CAP_P50_RATIO = 1.2
+# Issue 17: care-serve's p50 against the minimal baseline server a user would write (bench/serve_bench/baseline.py).
+TARGET_LATENCY_OVER_BASELINE = 1.1
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The phases of `care-bench serve` (latency, throughput, cap, hot-load) and `run`, which builds the tasks, starts
-the server and runs them in turn."""
+the server and the minimal baseline server and runs them in turn."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ from bench.serve_bench.rows import (
     Skipped,
     ThroughputRow,
 )
-from bench.serve_bench.server import MetricsSnapshot, ServerProcess, window_stats
+from bench.serve_bench.server import BaselineProcess, MetricsSnapshot, ServerProcess, window_stats
 from bench.serve_bench.workload import Offline, TaskSource
 from model.backbone import make_transform
 from registry import Registry
@@ -68,6 +68,12 @@ class Bench:
     workdir: Path
     progress: Callable[[str], None]
     servers: list[ServerProcess] = field(default_factory=list)
+    baseline: BaselineProcess | None = None
+
+    def start_baseline(self) -> BaselineProcess:
+        """The minimal baseline server with the servers' settings (not waited for: it loads while they do)."""
+        self.baseline = BaselineProcess(self.settings, self.workdir)
+        return self.baseline
 
     def start_server(self, name: str, cap_bytes: int | None) -> ServerProcess:
         settings = self.settings.model_copy(update={"router_cache_bytes": cap_bytes})
@@ -80,31 +86,51 @@ class Bench:
         for server in self.servers:
             server.stop()
         self.servers.clear()
+        if self.baseline is not None:
+            self.baseline.stop()
+            self.baseline = None
 
 
 async def latency_phase(bench: Bench, server: ServerProcess, num_tasks: int) -> LatencyRow:
-    """One client, requests of B images; offline backbone and fast path on the same images in between."""
+    """One client, requests of B images, each sent to the server and to the minimal baseline server in turn; offline
+    backbone and fast path on the same images in between."""
     config = bench.config
     batch = config.request_batch
     mix = task_mix(num_tasks, "uniform", config.seed + num_tasks)
     offline = bench.offline
+    baseline = bench.baseline
+    assert baseline is not None
     records: list[Record] = []
-    times: dict[str, list[float]] = {"backbone": [], "fast": [], "paired": []}
+    baseline_records: list[Record] = []
+    times: dict[str, list[float]] = {"backbone": [], "fast": [], "paired": [], "paired_baseline": []}
     async with new_client(2) as client:
         warm_end = time.perf_counter() + config.warmup_s
         draw = mix.batch(batch)
         offline.backbone_s(bench.keys[draw])
         offline.path_s(bench.keys[draw], "fast")
         while time.perf_counter() < warm_end:
-            await send(client, server.url, bench.traffic.body(mix.batch(batch)), batch, config.top_k)
+            body = bench.traffic.body(mix.batch(batch))
+            for url in (server.url, baseline.url):
+                await send(client, url, body, batch, config.top_k)
         before = server.metrics()
         start = time.perf_counter()
         end = start + config.duration_s
         step = 0
         while time.perf_counter() < end:
             draw = mix.batch(batch)
-            record = await send(client, server.url, bench.traffic.body(draw), batch, config.top_k)
+            body = bench.traffic.body(draw)
+            # The same body to the server and to the baseline, back to back; which goes first alternates every two
+            # steps, so that the order is not tied to the offline kind timed below (which alternates every step).
+            if (step // 2) % 2 == 0:
+                record = await send(client, server.url, body, batch, config.top_k)
+                base = await send(client, baseline.url, body, batch, config.top_k)
+            else:
+                base = await send(client, baseline.url, body, batch, config.top_k)
+                record = await send(client, server.url, body, batch, config.top_k)
             records.append(record)
+            baseline_records.append(base)
+            if record.status == 200 and base.status == 200:
+                times["paired_baseline"].append(record.latency / base.latency)
             images = bench.keys[draw]
             # The server is idle now: time one offline pass on the same images, the backbone and the fast path in
             # turn, so that both sit next to server requests in time.
@@ -120,6 +146,7 @@ async def latency_phase(bench: Bench, server: ServerProcess, num_tasks: int) -> 
     reference = [offline.path_s(bench.keys[draw], "reference") for _ in range(config.reference_repeats)]
     own = offline.own_task_fraction(bench.keys[draw], draw)
     requests = summarize(records, start, end)
+    baseline_requests = summarize(baseline_records, start, end)
     backbone_ms, fast_ms, reference_ms = ms(median(times["backbone"])), ms(median(times["fast"])), ms(median(reference))
     row: LatencyRow = {
         "tasks": num_tasks,
@@ -136,19 +163,30 @@ async def latency_phase(bench: Bench, server: ServerProcess, num_tasks: int) -> 
         "p50_over_backbone": round(requests["p50_ms"] / backbone_ms, 3),
         "fast_over_backbone": round(fast_ms / backbone_ms, 3),
         "reference_over_fast": round(reference_ms / fast_ms, 2),
+        "baseline_requests": baseline_requests["requests"],
+        "baseline_failed": baseline_requests["failed"],
+        "baseline_p50_ms": baseline_requests["p50_ms"],
+        "baseline_p95_ms": baseline_requests["p95_ms"],
+        "baseline_rss_bytes": baseline.rss_bytes(),
+        "p50_over_baseline": round(requests["p50_ms"] / baseline_requests["p50_ms"], 3),
+        "paired_p50_over_baseline": round(median(times["paired_baseline"]), 3),
     }
     bench.progress(
         f"T={num_tasks}: p50 {row['p50_ms']:.1f} ms (p95 {row['p95_ms']:.1f}, p99 {row['p99_ms']:.1f}), backbone alone "
         f"{row['backbone_ms']:.1f} ms ({row['p50_over_backbone']:.2f}x, paired {row['paired_p50_over_backbone']:.2f}x)"
-        f", fast {row['fast_ms']:.1f} ms, reference {row['reference_ms']:.1f} ms, hit ratio {row['hit_ratio']}, "
-        f"{row['requests']} requests, {row['failed']} failed"
+        f", baseline server {row['baseline_p50_ms']:.1f} ms ({row['p50_over_baseline']:.2f}x, paired "
+        f"{row['paired_p50_over_baseline']:.2f}x), fast {row['fast_ms']:.1f} ms, reference {row['reference_ms']:.1f} "
+        f"ms, hit ratio {row['hit_ratio']}, {row['requests']} requests, {row['failed']} failed"
     )
     return row
 
 
 async def throughput_phase(bench: Bench, server: ServerProcess, num_tasks: int) -> list[ThroughputRow]:
-    """Closed-loop clients at each concurrency, single-image (or small) requests, uniform over the tasks."""
+    """Closed-loop clients at each concurrency, single-image (or small) requests, uniform over the tasks; then the
+    same clients against the minimal baseline server."""
     config = bench.config
+    baseline = bench.baseline
+    assert baseline is not None
     rows: list[ThroughputRow] = []
     async with new_client(max(config.concurrency) + 2) as client:
         for clients in config.concurrency:
@@ -174,17 +212,42 @@ async def throughput_phase(bench: Bench, server: ServerProcess, num_tasks: int) 
             )
             await marker
             after = server.metrics()
+            # The baseline right after, at the same concurrency on the same draws, while the server is idle.
+            base_warm_end = time.perf_counter() + config.warmup_s
+            base_end = base_warm_end + config.throughput_duration_s
+            base_mix = task_mix(num_tasks, "uniform", config.seed + clients)
+            base_records = await closed_loop(
+                client,
+                baseline.url,
+                bench.traffic,
+                base_mix,
+                clients,
+                config.throughput_images,
+                config.top_k,
+                base_end,
+            )
+            base = summarize(base_records, base_warm_end, base_end)
+            requests = summarize(records, warm_end, end)
             row: ThroughputRow = {
                 "tasks": num_tasks,
                 "concurrency": clients,
                 "images_per_request": config.throughput_images,
-                **summarize(records, warm_end, end),
+                **requests,
                 **window_stats(marks["before"], after),
                 "server_rss_bytes": server.rss_bytes(),
+                "baseline_images_per_s": base["images_per_s"],
+                "baseline_p50_ms": base["p50_ms"],
+                "baseline_p99_ms": base["p99_ms"],
+                "baseline_failed": base["failed"],
+                "images_per_s_over_baseline": round(requests["images_per_s"] / base["images_per_s"], 3)
+                if base["images_per_s"]
+                else math.nan,
             }
             bench.progress(
                 f"T={num_tasks}, {clients} clients: {row['images_per_s']:.1f} images/s, p50 {row['p50_ms']:.1f} ms, "
-                f"p99 {row['p99_ms']:.1f} ms, mean batch {row['mean_batch_size']}, {row['failed']} failed"
+                f"p99 {row['p99_ms']:.1f} ms, mean batch {row['mean_batch_size']}, {row['failed']} failed; baseline "
+                f"server {row['baseline_images_per_s']:.1f} images/s ({row['images_per_s_over_baseline']:.2f}x), p50 "
+                f"{row['baseline_p50_ms']:.1f} ms, {row['baseline_failed']} failed"
             )
             rows.append(row)
     return rows
@@ -331,7 +394,9 @@ async def _run(bench: Bench) -> Measurements:
     config = bench.config
     latency: list[LatencyRow] = []
     first = bench.tasks.publish_keyed(config.tasks[0])
+    baseline = bench.start_baseline()  # loads its backbone while the server loads its own
     server = bench.start_server("server", None)
+    baseline.wait_ready()
     server.wait_version(first.version)
     for count in config.tasks:
         if count != bench.tasks.num_tasks:

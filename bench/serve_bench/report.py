@@ -1,4 +1,4 @@
-"""What `care-bench serve` reports: the targets of issue 6 met or not, serve_bench.json, three plots and the
+"""What `care-bench serve` reports: the targets of issues 6 and 17 met or not, serve_bench.json, three plots and the
 markdown tables of docs/benchmarks.md."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from bench.serve_bench.config import (
     TARGET_CAP_P50_RATIO,
     TARGET_LATENCY_MAX_OVER_10,
     TARGET_LATENCY_OVER_BACKBONE,
+    TARGET_LATENCY_OVER_BASELINE,
     TARGET_REFERENCE_OVER_FAST,
     TARGET_THROUGHPUT_OVER_BACKBONE,
 )
@@ -23,7 +24,7 @@ from bench.serve_bench.rows import ServeBenchResult, Target
 
 
 def targets(result: ServeBenchResult) -> list[Target]:
-    """Each target of issue 6 with its number and whether it is met (None: not measured in this run)."""
+    """Each target of issues 6 and 17 with its number and whether it is met (None: not measured in this run)."""
     latency = {row["tasks"]: row for row in result["latency"]}
     largest = max(latency)
     out: list[Target] = []
@@ -39,6 +40,13 @@ def targets(result: ServeBenchResult) -> list[Target]:
         TARGET_LATENCY_OVER_BACKBONE,
         True,
         f"{row['p50_ms']} ms / {row['backbone_ms']} ms (paired {row['paired_p50_over_backbone']}x)",
+    )
+    add(
+        f"p50 at {largest} tasks / minimal baseline server p50 (batch {row['batch']})",
+        row["p50_over_baseline"],
+        TARGET_LATENCY_OVER_BASELINE,
+        True,
+        f"{row['p50_ms']} ms / {row['baseline_p50_ms']} ms (paired {row['paired_p50_over_baseline']}x)",
     )
     if 10 in latency and largest != 10:
         ratio = round(row["p50_ms"] / latency[10]["p50_ms"], 3)
@@ -67,7 +75,9 @@ def targets(result: ServeBenchResult) -> list[Target]:
             round(best["images_per_s"] / offline, 3),
             TARGET_THROUGHPUT_OVER_BACKBONE,
             False,
-            f"{best['images_per_s']} images/s ({best['concurrency']} clients) / {offline:.1f} images/s",
+            f"{best['images_per_s']} images/s ({best['concurrency']} clients) / {offline:.1f} images/s; minimal "
+            f"baseline server at {best['concurrency']} clients {best['baseline_images_per_s']} images/s "
+            f"({best['images_per_s_over_baseline']}x)",
         )
     for cap in result["cap"]["rows"]:
         if math.isclose(cap["cap_fraction"], TARGET_CAP_FRACTION):
@@ -129,6 +139,7 @@ def _plot_latency(result: ServeBenchResult, path: Path) -> None:
         axis.plot(tasks, [r["fast_ms"] for r in rows], "^-", label="fast path (offline)")
         axis.plot(tasks, [r["reference_ms"] for r in rows], "s-", label="reference path (offline)")
         axis.plot(tasks, [r["backbone_ms"] for r in rows], "k--", label="backbone alone (offline)")
+        axis.plot(tasks, [r["baseline_p50_ms"] for r in rows], "x:", label="minimal baseline server p50")
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xlabel("tasks learned")
@@ -143,6 +154,7 @@ def _plot_throughput(result: ServeBenchResult, path: Path) -> None:
         if rows:
             clients = [r["concurrency"] for r in rows]
             axis.plot(clients, [r["images_per_s"] for r in rows], "o-", label=f"server, {rows[0]['tasks']} tasks")
+            axis.plot(clients, [r["baseline_images_per_s"] for r in rows], "x:", label="minimal baseline server")
             by_batch = result["backbone_images_per_s"]
             axis.plot(
                 clients, [by_batch.get(str(c), math.nan) for c in clients], "k:", label="backbone alone, batch = C"
@@ -183,29 +195,34 @@ def _plot_cache(result: ServeBenchResult, path: Path) -> None:
 def markdown_tables(result: ServeBenchResult) -> str:
     lines = [
         "| tasks | batch | p50 (ms) | p95 (ms) | p99 (ms) | requests | failed | backbone alone (ms) | p50 / backbone "
-        "| fast (ms) | reference (ms) | reference / fast | mean batch | hit ratio | router bytes | server RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| baseline server p50 (ms) | p50 / baseline | fast (ms) | reference (ms) | reference / fast | mean batch "
+        "| hit ratio | router bytes | server RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["latency"]:
         lines.append(
             f"| {r['tasks']} | {r['batch']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | "
             f"{r['requests']} | {r['failed']} | {r['backbone_ms']:.1f} | {r['p50_over_backbone']:.2f}x | "
-            f"{r['fast_ms']:.1f} | {r['reference_ms']:.1f} | {r['reference_over_fast']:.1f}x | "
-            f"{r['mean_batch_size']} | {r['hit_ratio']} | {r['router_resident_bytes']:,} | "
+            f"{r['baseline_p50_ms']:.1f} | {r['p50_over_baseline']:.2f}x | {r['fast_ms']:.1f} | "
+            f"{r['reference_ms']:.1f} | {r['reference_over_fast']:.1f}x | {r['mean_batch_size']} | {r['hit_ratio']} | "
+            f"{r['router_resident_bytes']:,} | "
             f"{r['server_rss_bytes'] / 2**20:.0f} |"
         )
     if result["throughput"]:
         lines += [
             "",
-            "| tasks | clients | images/s | backbone alone, batch = clients (images/s) | p50 (ms) | p95 (ms) "
-            "| p99 (ms) | mean batch | hit ratio | failed |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| tasks | clients | images/s | backbone alone, batch = clients (images/s) | baseline server (images/s) "
+            "| images/s / baseline | p50 (ms) | p95 (ms) | p99 (ms) | baseline server p50 (ms) | mean batch "
+            "| hit ratio | failed |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for t in result["throughput"]:
             alone = result["backbone_images_per_s"].get(str(t["concurrency"]), math.nan)
             lines.append(
-                f"| {t['tasks']} | {t['concurrency']} | {t['images_per_s']:.1f} | {alone} | {t['p50_ms']:.1f} | "
-                f"{t['p95_ms']:.1f} | {t['p99_ms']:.1f} | {t['mean_batch_size']} | {t['hit_ratio']} | {t['failed']} |"
+                f"| {t['tasks']} | {t['concurrency']} | {t['images_per_s']:.1f} | {alone} | "
+                f"{t['baseline_images_per_s']:.1f} | {t['images_per_s_over_baseline']:.2f}x | {t['p50_ms']:.1f} | "
+                f"{t['p95_ms']:.1f} | {t['p99_ms']:.1f} | {t['baseline_p50_ms']:.1f} | {t['mean_batch_size']} | "
+                f"{t['hit_ratio']} | {t['failed']} |"
             )
     if result["cap"]["rows"]:
         lines += [

@@ -48,6 +48,15 @@ class LatencyRow(RequestStats, WindowStats):
     p50_over_backbone: float
     fast_over_backbone: float
     reference_over_fast: float
+    # The minimal baseline server (bench/serve_bench/baseline.py): the same request bodies, alternated with the
+    # server's in the same window.
+    baseline_requests: int
+    baseline_failed: int
+    baseline_p50_ms: float
+    baseline_p95_ms: float
+    baseline_rss_bytes: int
+    p50_over_baseline: float
+    paired_p50_over_baseline: float
 
 
 class ThroughputRow(RequestStats, WindowStats):
@@ -57,6 +66,12 @@ class ThroughputRow(RequestStats, WindowStats):
     concurrency: int
     images_per_request: int
     server_rss_bytes: int
+    # The minimal baseline server at the same concurrency, in a window right after the server's.
+    baseline_images_per_s: float
+    baseline_p50_ms: float
+    baseline_p99_ms: float
+    baseline_failed: int
+    images_per_s_over_baseline: float
 
 
 class CapSide(RequestStats, WindowStats):

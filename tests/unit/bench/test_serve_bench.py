@@ -25,6 +25,22 @@ from bench.serve_bench import (
 REFERENCE = Path(__file__).resolve().parents[3] / "docs" / "bench" / "serve_bench.json"
 # Dicts keyed by data (batch sizes, histogram buckets), not by name: their keys are not part of the shape.
 DATA_KEYED = ("batch_size_histogram", "backbone_images_per_s", "backbone_images_per_s_after")
+# Keys added since the reference was published (the minimal baseline server, issue 17): new keys only, appended to
+# their rows; every key of the reference keeps its name and its order.
+ADDED = [
+    ".latency[].baseline_requests",
+    ".latency[].baseline_failed",
+    ".latency[].baseline_p50_ms",
+    ".latency[].baseline_p95_ms",
+    ".latency[].baseline_rss_bytes",
+    ".latency[].p50_over_baseline",
+    ".latency[].paired_p50_over_baseline",
+    ".throughput[].baseline_images_per_s",
+    ".throughput[].baseline_p50_ms",
+    ".throughput[].baseline_p99_ms",
+    ".throughput[].baseline_failed",
+    ".throughput[].images_per_s_over_baseline",
+]
 
 
 def key_paths(value: Any, path: str = "") -> list[str]:
@@ -102,8 +118,16 @@ def test_serve_bench_runs_every_phase(tmp_path: Path, monkeypatch: pytest.Monkey
         assert min(row["backbone_ms"], row["fast_ms"], row["reference_ms"]) > 0
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
         assert 0 <= row["hit_ratio"] <= 1 and row["router_resident_bytes"] > 0 and row["server_rss_bytes"] > 0
+        # The minimal baseline server, on the same bodies in the same window.
+        assert row["baseline_failed"] == 0 and row["baseline_requests"] > 0 and row["baseline_rss_bytes"] > 0
+        assert 0 < row["baseline_p50_ms"] <= row["baseline_p95_ms"]
+        assert row["p50_over_baseline"] == round(row["p50_ms"] / row["baseline_p50_ms"], 3)
+        assert row["paired_p50_over_baseline"] > 0
     assert [row["concurrency"] for row in result["throughput"]] == [1, 2]
     assert all(row["failed"] == 0 and row["images_per_s"] > 0 for row in result["throughput"])
+    for row in result["throughput"]:
+        assert row["baseline_failed"] == 0 and row["baseline_images_per_s"] > 0 and row["baseline_p50_ms"] > 0
+        assert row["images_per_s_over_baseline"] == round(row["images_per_s"] / row["baseline_images_per_s"], 3)
     assert set(result["backbone_images_per_s"]) == {"1", "2", "4"}
     (cap,) = result["cap"]["rows"]
     assert cap["cap_bytes"] == int(0.5 * result["cap"]["router_bytes_total"])
@@ -115,13 +139,18 @@ def test_serve_bench_runs_every_phase(tmp_path: Path, monkeypatch: pytest.Monkey
     assert all(0 < v["to_first_response_ms"] < 60_000 for v in hot["versions"])
     verdicts = {t["target"]: t["met"] for t in result["targets"]}
     assert verdicts["failed requests over 2 publishes under load"] is True
-    assert len(verdicts) == 4  # no 10-task row and no 10 % cap in this run: those targets are left out
+    assert verdicts["p50 at 3 tasks / minimal baseline server p50 (batch 4)"] is not None
+    assert len(verdicts) == 5  # no 10-task row and no 10 % cap in this run: those targets are left out
 
     path = write_report(result, tmp_path, machine_description())
-    # The JSON keeps the shape of the published reference: the same keys, in the same order.
-    assert key_paths(json.loads(path.read_text())) == key_paths(json.loads(REFERENCE.read_text()))
+    # The JSON keeps the shape of the published reference: its keys, in the same order, and only the added ones.
+    written = key_paths(json.loads(path.read_text()))
+    reference = key_paths(json.loads(REFERENCE.read_text()))
+    assert [key for key in written if key not in ADDED] == reference
+    assert sorted(set(written) - set(reference)) == sorted(ADDED)
     for name in ("latency", "throughput", "cache"):
         assert (tmp_path / f"serve_bench_{name}.png").stat().st_size > 0
-    assert "| target | value | limit | met |" in markdown_tables(result)
+    tables = markdown_tables(result)
+    assert "| target | value | limit | met |" in tables and "| p50 / baseline |" in tables
     # Every server the benchmark started has been stopped.
     assert not [pid for pid in children(os.getpid()) if alive(pid)]
