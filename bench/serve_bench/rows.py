@@ -1,6 +1,6 @@
 """The rows `care-bench serve` writes to serve_bench.json, typed. They are dicts (TypedDicts) built in the order of
 the JSON's keys, so the file keeps its shape: docs/bench/serve_bench.json is the reference, and
-tests/unit/bench/test_serve_bench.py compares a tiny run's keys with it."""
+tests/e2e/bench/test_serve_bench.py compares a tiny run's keys with it."""
 
 from __future__ import annotations
 
