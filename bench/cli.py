@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from service.inference.allocator import tune_allocator
+from service.cli import run_command
 
 logger = logging.getLogger("care_bench")
 
@@ -347,13 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    tune_allocator()
-    level = args.log_level or os.environ.get("CARE_LOG_LEVEL") or "INFO"
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler: BenchCommand = args.handler
-    return handler(args)
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

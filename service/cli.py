@@ -89,14 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` with `parser`, tune malloc, set up logging (`--log-level`, CARE_LOG_LEVEL) and run the handler
+    the chosen subcommand set (`care-serve` here, `care-bench` in bench/cli.py)."""
     args = parser.parse_args(argv)
     tune_allocator()
     level = args.log_level or os.environ.get("CARE_LOG_LEVEL") or "INFO"
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler: Command = args.handler
     return handler(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

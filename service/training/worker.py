@@ -36,7 +36,7 @@ from registry import Manifest, Registry
 from registry.owner import process_alive
 from service.housekeeping import open_job_store
 from service.inference.backbone import load_backbone
-from service.inference.preprocess import Preprocessor
+from service.inference.preprocess import Preprocessor, default_workers
 from service.ingest.limits import upload_limits
 from service.jobs import TaskNotFound, TaskRecord, make_owner_id
 from service.jobs.db import process_namespace
@@ -292,7 +292,7 @@ class TrainingWorker:
         threads = torch.get_num_threads()
         # Short and latency-bound, and training is paused meanwhile: every core it may use (64 images at 224 px
         # on EfficientNet-Lite0, the 2-core box: 2.0 s on one thread, 1.3 s on two).
-        torch.set_num_threads(self.settings.provisional_threads or len(os.sched_getaffinity(0)))
+        torch.set_num_threads(self.settings.provisional_threads or default_workers())
         try:
             return self._publish_provisional_now(manifest, task, started)
         finally:
