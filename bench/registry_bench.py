@@ -28,7 +28,7 @@ from bench.synthetic import key_images, populate
 from model.backbone import build_backbone
 from model.config import ModelConfig
 from registry import Registry
-from service.inference.snapshot import ServedModel, SnapshotLoader
+from service.inference.snapshot import ServedVersion, SnapshotLoader
 from service.modelstore import ModelStore
 from service.routers.source import CachedRouters, new_router_cache
 
@@ -58,7 +58,7 @@ class LatencyRow:
     max_resident_bytes: int
 
 
-def _served(store: ModelStore, version: int, cap: int | None) -> tuple[ServedModel, Any]:
+def _served(store: ModelStore, version: int, cap: int | None) -> tuple[ServedVersion, Any]:
     cache = new_router_cache(CPU, cap)
     served = SnapshotLoader(store, cache).load(store.registry.load_manifest(version), None)
     return served, cache
@@ -83,13 +83,13 @@ def measure_router_loads(store: ModelStore, version: int, tasks: list[int], repe
     return rows
 
 
-def primary_tasks(served: ServedModel, pool: Tensor, batch: int) -> list[int]:
+def primary_tasks(served: ServedVersion, pool: Tensor, batch: int) -> list[int]:
     """For each image, the task whose router it uses most often across sites (routed by `served`)."""
-    assert served.model is not None and served.routers is not None
+    assert served.network is not None and served.routers is not None
     owners: list[int] = []
     for start in range(0, len(pool), batch):
         selected: list[Tensor] = []
-        served.model.forward_features(pool[start : start + batch], served.routers, "fast", selected)
+        served.network.forward_features(pool[start : start + batch], served.routers, "fast", selected)
         per_image = torch.cat(selected, dim=1)  # (B, sites * M)
         owners += [Counter(row.tolist()).most_common(1)[0][0] for row in per_image]
     return owners
@@ -131,7 +131,7 @@ def measure_latency(
     rows = []
     for mix_kind in ("skewed", "uniform"):
         mix = Mix(owners, mix_kind, seed=1)
-        configs: list[tuple[float | None, int | None, ServedModel, Any, list[float], list[int]]] = []
+        configs: list[tuple[float | None, int | None, ServedVersion, Any, list[float], list[int]]] = []
         for fraction in caps:
             cap = None if fraction is None else int(total_bytes * fraction)
             served, cache = _served(store, version, cap)

@@ -138,7 +138,7 @@ class ModelStore:
 
     Args:
         registry: The registry.
-        config: The running model configuration; versions made under another one are refused.
+        config: The running model config; versions made under another one are refused.
         backbone: The running backbone (for site dimensions and the feature size).
         device: Where resident tensors go.
     """

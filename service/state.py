@@ -17,7 +17,7 @@ from registry import Registry, VersionWatcher
 from service.inference.backbone import load_backbone
 from service.inference.batcher import MicroBatcher
 from service.inference.preprocess import Preprocessor, PreprocessPool, default_workers
-from service.inference.snapshot import CurrentModel, ServedModel, SnapshotLoader
+from service.inference.snapshot import ServedVersion, ServingSlot, SnapshotLoader
 from service.ingest.limits import UploadLimits, upload_limits
 from service.jobs import JobStore
 from service.metrics import JobSnapshot, Metrics
@@ -59,7 +59,7 @@ class AppState:
     backbone: SiteBackbone
     registry: Registry
     cache: RouterCache
-    current: CurrentModel
+    serving: ServingSlot
     watcher: VersionWatcher
     jobs: JobStore
     batcher: MicroBatcher
@@ -69,8 +69,9 @@ class AppState:
     decoders: PreprocessPool
     ready: threading.Event
 
-    def served(self) -> ServedModel:
-        return self.current.model
+    def served(self) -> ServedVersion:
+        """The version being served now (read it once per request: a swap may follow)."""
+        return self.serving.served
 
 
 def build_state(settings: Settings) -> AppState:
@@ -94,36 +95,36 @@ def build_state(settings: Settings) -> AppState:
 
     servable: set[str] | None = None  # tasks this server has answered with; None until the first version
 
-    def on_swap(model: ServedModel) -> None:
+    def on_swap(served: ServedVersion) -> None:
         nonlocal servable
-        metrics.model_version.set(model.version or 0)
-        metrics.tasks_learned.set(model.num_tasks)
-        metrics.classes_learned.set(model.num_classes)
-        metrics.classes_provisional.set(model.num_provisional_classes)
-        served = model.served_task_ids
+        metrics.model_version.set(served.version or 0)
+        metrics.tasks_learned.set(served.num_tasks)
+        metrics.classes_learned.set(served.num_classes)
+        metrics.classes_provisional.set(served.num_provisional_classes)
+        task_ids = served.served_task_ids
         if servable is not None:  # the version served at start-up says nothing about how fast tasks became servable
-            observe_servable(jobs, metrics, served - servable)
-        servable = set(served)
+            observe_servable(jobs, metrics, task_ids - servable)
+        servable = set(task_ids)
 
-    def on_failure(version: int, error: Exception) -> None:  # noqa: ARG001 - logged by CurrentModel
+    def on_failure(version: int, error: Exception) -> None:  # noqa: ARG001 - logged by ServingSlot
         metrics.version_load_failures.inc()
 
-    current = CurrentModel(SnapshotLoader(store, cache), on_swap=on_swap, on_failure=on_failure)
+    serving = ServingSlot(SnapshotLoader(store, cache), on_swap=on_swap, on_failure=on_failure)
     latest = registry.current_version()
     if latest is not None:
         # Refuse to start on a registry of another backbone/configuration: serving it would be wrong.
         store.check(registry.load_manifest(latest))
-        current.update_to(latest)
+        serving.update_to(latest)
 
     def load_version(version: int) -> None:
         load_started = time.perf_counter()
-        if current.update_to(version):
+        if serving.update_to(version):
             metrics.version_load_seconds.observe(time.perf_counter() - load_started)
 
     watcher = VersionWatcher(registry, settings.poll_interval_s, load_version)
     limits = upload_limits(settings)
     batcher = MicroBatcher(
-        current=lambda: current.model,
+        served=lambda: serving.served,
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_batch_wait_ms / 1000,
         max_queue_images=settings.max_queue_images,
@@ -138,7 +139,7 @@ def build_state(settings: Settings) -> AppState:
         backbone=backbone,
         registry=registry,
         cache=cache,
-        current=current,
+        serving=serving,
         watcher=watcher,
         jobs=jobs,
         batcher=batcher,
@@ -154,7 +155,7 @@ def build_state(settings: Settings) -> AppState:
         config.backbone,
         time.perf_counter() - started,
         device,
-        current.model.version,
+        serving.served.version,
     )
     return state
 
@@ -165,5 +166,6 @@ def warm_up(state: AppState) -> None:
     images = torch.zeros(1, 3, size, size, device=state.settings.torch_device())
     with torch.inference_mode():
         state.backbone.forward_plain(images)
-        if state.current.model.model is not None:
-            state.current.model.probabilities(images)
+        served = state.served()
+        if served.network is not None:
+            served.probabilities(images)

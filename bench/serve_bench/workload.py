@@ -19,7 +19,7 @@ from model.backbone import SiteBackbone
 from model.synthetic import random_task, synthetic_head
 from model.trainer import LearnedTask
 from registry import Manifest
-from service.inference.snapshot import ServedModel, SnapshotLoader
+from service.inference.snapshot import ServedVersion, SnapshotLoader
 from service.modelstore import ModelStore, NewTask
 from service.routers.source import new_router_cache
 
@@ -99,9 +99,9 @@ class Offline:
         self.store = store
         self.backbone: SiteBackbone = store.backbone
         self.loader = SnapshotLoader(store, new_router_cache(CPU, None))
-        self.served: ServedModel | None = None
+        self.served: ServedVersion | None = None
 
-    def load(self, manifest: Manifest) -> ServedModel:
+    def load(self, manifest: Manifest) -> ServedVersion:
         self.served = self.loader.load(manifest, self.served)
         return self.served
 
@@ -111,17 +111,17 @@ class Offline:
 
     def path_s(self, images: Tensor, path: str) -> float:
         served = self.served
-        assert served is not None and served.model is not None and served.routers is not None
-        model, routers = served.model, served.routers
+        assert served is not None and served.network is not None and served.routers is not None
+        network, routers = served.network, served.routers
         with torch.inference_mode():
-            return time_call(lambda: model.logits(images, routers, "fast" if path == "fast" else "reference"))
+            return time_call(lambda: network.logits(images, routers, "fast" if path == "fast" else "reference"))
 
     def own_task_fraction(self, images: Tensor, tasks: Sequence[int]) -> float:
         """Fraction of images whose most used router (over sites and the M picks) is their own task's."""
         served = self.served
-        assert served is not None and served.model is not None and served.routers is not None
+        assert served is not None and served.network is not None and served.routers is not None
         selected: list[Tensor] = []
-        served.model.forward_features(images, served.routers, "fast", selected)
+        served.network.forward_features(images, served.routers, "fast", selected)
         per_image = torch.cat(selected, dim=1)
         own = [int(torch.mode(row).values) == task for row, task in zip(per_image, tasks, strict=True)]
         return sum(own) / len(own)

@@ -31,19 +31,19 @@ async def predict(
     # 4xx whether or not anything has been learned yet.
     files = await read_predict_images(request, state.limits)
     images = await state.decoders.run(files)
-    if state.served().model is None:
+    if state.served().network is None:
         raise api_error("no_classes")
     result = await state.batcher.submit(images)
-    assert result.model.version is not None
+    assert result.served.version is not None
     return PredictResponse(
-        model_version=result.model.version,
+        model_version=result.served.version,
         predictions=[
             ImagePrediction(
                 top=[
                     ScoredLabel(label=p.label, score=p.score, task_id=p.task_id, provisional=p.provisional) for p in row
                 ]
             )
-            for row in result.model.top(result.probabilities, top_k)
+            for row in result.served.top(result.probabilities, top_k)
         ],
     )
 

@@ -12,7 +12,7 @@ from service.api.deps import StateDep, require_admin
 from service.api.schemas import TaskAccepted, TaskPublic
 from service.ingest.images import validate_images
 from service.ingest.uploads import TaskUpload, read_task_upload
-from service.jobs import LabelConflict, TaskRecord
+from service.jobs import JobRecord, LabelConflict
 from service.state import AppState
 
 # The job store's errors (LabelConflict, IdempotencyKeyReused, QueueFull, TaskNotFound) are answered by the handler
@@ -69,9 +69,7 @@ async def _store(upload: TaskUpload, response: Response, state: AppState, idempo
     )
 
 
-def _public(
-    record: TaskRecord, served_version: int | None, provisional_ids: frozenset[str] = frozenset()
-) -> TaskPublic:
+def _public(record: JobRecord, served_version: int | None, provisional_ids: frozenset[str] = frozenset()) -> TaskPublic:
     # Versions only grow along the lineage, so a server that loaded version v serves every task published up to v.
     published = record.model_version if record.status == "ready" else None
     served_here = published is not None and served_version is not None and served_version >= published

@@ -2,7 +2,7 @@
 
 Requests put their preprocessed images in a bounded queue; a collector task takes the first waiting request,
 waits at most `max_wait_s` for more (up to `max_batch_size` images), and runs the batch on a single-thread
-executor while it collects the next one. Each batch reads the served model reference once, so all its images
+executor while it collects the next one. Each batch reads the served version's reference once, so all its images
 use exactly one version, which the response names. A full queue answers 429 at once instead of letting latency
 grow without bound.
 """
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from service.errors import api_error
-from service.inference.snapshot import ServedModel
+from service.inference.snapshot import ServedVersion
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 class BatchResult:
     """Probabilities of one request's images, and the version that produced them."""
 
-    model: ServedModel
+    served: ServedVersion
     probabilities: Tensor  # (n, C)
 
 
@@ -46,7 +46,7 @@ class MicroBatcher:
     """Collects requests into batches and runs them one batch at a time.
 
     Args:
-        current: Returns the served model (read once per batch).
+        served: Returns the served version (read once per batch).
         max_batch_size: Most images per batch (a larger single request runs as its own batch).
         max_wait_s: How long the first request of a batch waits for company.
         max_queue_images: Images allowed to wait; beyond it `submit` raises 429 overloaded.
@@ -58,7 +58,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        current: Callable[[], ServedModel],
+        served: Callable[[], ServedVersion],
         *,
         max_batch_size: int,
         max_wait_s: float,
@@ -67,7 +67,7 @@ class MicroBatcher:
         on_batch: Callable[[int], None] | None = None,
         on_queue: Callable[[int], None] | None = None,
     ) -> None:
-        self._current = current
+        self._served = served
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
@@ -184,11 +184,11 @@ class MicroBatcher:
         # 1); asking first completes that lazy step, so the count set here is the one this thread keeps.
         if torch.get_num_threads() != self._threads:
             torch.set_num_threads(self._threads)
-        model = self._current()
+        served = self._served()
         images = torch.cat([p.images for p in batch]) if len(batch) > 1 else batch[0].images
         started = time.perf_counter()
         try:
-            probabilities = model.probabilities(images)
+            probabilities = served.probabilities(images)
         except Exception as exc:
             logger.exception("inference failed for a batch of %d images", len(images))
             for pending in batch:
@@ -201,7 +201,7 @@ class MicroBatcher:
         offset = 0
         for pending in batch:
             count = int(pending.images.shape[0])
-            result = BatchResult(model, probabilities[offset : offset + count])
+            result = BatchResult(served, probabilities[offset : offset + count])
             loop.call_soon_threadsafe(_resolve, pending.future, result)
             offset += count
 

@@ -1,6 +1,10 @@
-"""The served model: one immutable, numbered version, and how the next one is built beside it.
+"""The served version: one immutable, numbered registry version as served, and how the next one is built beside it.
 
-Serving holds a reference to the current `ServedModel`; a new version is loaded in the background (only its new
+Vocabulary: a `ServedVersion` is one registry version as served; its `network` is the `CareModel` (the nn.Module,
+model/network.py) that computes its probabilities; the `ServingSlot` holds the `ServedVersion` being `served` and
+swaps newer ones in.
+
+Serving holds a reference to the current `ServedVersion`; a new version is loaded in the background (only its new
 files are read: the resident tensors of earlier tasks are reused) and swapped in with one assignment, so a batch
 runs entirely on one version and no request fails during the swap.
 """
@@ -35,12 +39,12 @@ class Prediction:
 
 
 @dataclass(frozen=True)
-class ServedModel:
-    """One version as served. `model` is None while nothing has been learned (version None)."""
+class ServedVersion:
+    """One registry version as served. `network` is None while nothing has been learned (version None)."""
 
     version: int | None
     manifest: Manifest | None
-    model: CareModel | None
+    network: CareModel | None
     routers: CachedRouters | None
     labels: tuple[str, ...]
     task_ids: tuple[str, ...]
@@ -67,10 +71,10 @@ class ServedModel:
 
     def probabilities(self, images: Tensor) -> Tensor:
         """(B, C) probabilities over every learned class for preprocessed images (B, 3, H, W)."""
-        if self.model is None or self.routers is None:
+        if self.network is None or self.routers is None:
             raise RuntimeError("no classes have been learned yet")
         with torch.inference_mode():
-            return self.model.predict_proba(images, self.routers)
+            return self.network.predict_proba(images, self.routers)
 
     def top(self, probabilities: Tensor, top_k: int) -> list[list[Prediction]]:
         """The `top_k` classes of each row, best first."""
@@ -84,32 +88,33 @@ class ServedModel:
         ]
 
 
-def empty_model() -> ServedModel:
-    return ServedModel(None, None, None, None, (), (), None)
+def empty_version() -> ServedVersion:
+    """What is served before anything has been learned."""
+    return ServedVersion(None, None, None, None, (), (), None)
 
 
 class SnapshotLoader:
-    """Builds `ServedModel`s from registry versions, reusing what the previous one already holds."""
+    """Builds `ServedVersion`s from registry versions, reusing what the previous one already holds."""
 
     def __init__(self, store: ModelStore, cache: RouterCache) -> None:
         self.store = store
         self.cache = cache
 
-    def load(self, manifest: Manifest, previous: ServedModel | None) -> ServedModel:
+    def load(self, manifest: Manifest, previous: ServedVersion | None) -> ServedVersion:
         """Verify and load `manifest`; raises (and changes nothing) if any of its files is bad."""
         reuse = None
         if previous is not None and previous.manifest is not None and previous.loaded is not None:
             reuse = (previous.manifest, previous.loaded)
         loaded = self.store.load_tasks(manifest, reuse)
-        # Off the request path: the swap below must hand requests a model that is ready to serve.
+        # Off the request path: the swap must hand requests a network that is ready to serve.
         loaded.bank.prepare_fast_path()
-        model = CareModel(self.store.config, self.store.backbone, loaded.bank, loaded.classifier, loaded.head)
+        network = CareModel(self.store.config, self.store.backbone, loaded.bank, loaded.classifier, loaded.head)
         routers = CachedRouters(self.store.registry, manifest, self.store.site_dims, self.cache)
         pairs = list(iter_labels(manifest))
-        return ServedModel(
+        return ServedVersion(
             version=manifest.version,
             manifest=manifest,
-            model=model,
+            network=network,
             routers=routers,
             labels=tuple(label for label, _ in pairs),
             task_ids=tuple(task_id for _, task_id in pairs),
@@ -118,23 +123,23 @@ class SnapshotLoader:
         )
 
 
-class CurrentModel:
-    """Holds the served version and swaps in newer ones; the swap is one reference assignment.
+class ServingSlot:
+    """Holds the version being `served` and swaps in newer ones; the swap is one reference assignment.
 
     Args:
         loader: Builds versions.
-        on_swap: Called with the new model after each successful swap (metrics, logs).
+        on_swap: Called with the new version after each successful swap (metrics, logs).
         on_failure: Called with (version, error) when a version cannot be loaded; serving keeps the last good one.
     """
 
     def __init__(
         self,
         loader: SnapshotLoader,
-        on_swap: Callable[[ServedModel], None] | None = None,
+        on_swap: Callable[[ServedVersion], None] | None = None,
         on_failure: Callable[[int, Exception], None] | None = None,
     ) -> None:
         self.loader = loader
-        self.model = empty_model()
+        self.served = empty_version()
         self._on_swap = on_swap
         self._on_failure = on_failure
         self._lock = threading.Lock()  # one load at a time; readers never take it
@@ -145,7 +150,7 @@ class CurrentModel:
         if version is None:
             return False
         with self._lock:
-            current = self.model
+            current = self.served
             if (current.version is not None and version <= current.version) or version in self._refused:
                 return False
             started = time.perf_counter()
@@ -159,7 +164,7 @@ class CurrentModel:
                 if self._on_failure is not None:
                     self._on_failure(version, exc)
                 return False
-            self.model = candidate
+            self.served = candidate
             logger.info(
                 "serving version %d (%d tasks, %d classes), loaded in %.3fs",
                 version,

@@ -4,7 +4,7 @@
 `uploads` (fsynced upload directories) and `errors` (what the store raises). The public names are re-exported here.
 """
 
-from service.jobs.db import SubmitResult, TaskRecord, TaskStatus, make_owner_id
+from service.jobs.db import JobRecord, SubmitResult, TaskStatus, make_owner_id
 from service.jobs.errors import (
     IdempotencyKeyReused,
     InvalidTransition,
@@ -19,13 +19,13 @@ from service.jobs.store import JobStore, request_fingerprint
 __all__ = [
     "IdempotencyKeyReused",
     "InvalidTransition",
+    "JobRecord",
     "JobStore",
     "JobStoreError",
     "LabelConflict",
     "QueueFull",
     "SubmitResult",
     "TaskNotFound",
-    "TaskRecord",
     "TaskStatus",
     "UploadCorrupt",
     "make_owner_id",

@@ -94,8 +94,10 @@ def _json_or_none(text: str | None) -> Any:
 
 
 @dataclass(frozen=True)
-class TaskRecord:
-    """One task as stored. Times are UTC ISO-8601 strings ending in "Z"; ``index`` is set once ready."""
+class JobRecord:
+    """One job row: a submitted task's place and state in the training queue (``registry.TaskRecord`` is another
+    thing, a learned task in a registry version). Times are UTC ISO-8601 strings ending in "Z"; ``index`` is set once
+    ready."""
 
     task_id: str
     seq: int
@@ -117,7 +119,7 @@ class TaskRecord:
     request_hash: str | None = None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> TaskRecord:
+    def from_row(cls, row: sqlite3.Row) -> JobRecord:
         """Build a record from a ``SELECT * FROM tasks`` row."""
         return cls(
             task_id=row["task_id"], seq=row["seq"], name=row["name"], status=row["status"],
@@ -142,7 +144,7 @@ class TaskRecord:
 class SubmitResult:
     """Outcome of ``JobStore.submit``: the task, whether this call created it, and how many tasks are ahead."""
 
-    record: TaskRecord
+    record: JobRecord
     created: bool
     position: int
 
@@ -205,12 +207,12 @@ def migrate(conn: sqlite3.Connection) -> None:
         logger.info("job database migrated to schema version %d", target + 1)
 
 
-def fetch_task(conn: sqlite3.Connection, task_id: str) -> TaskRecord:
-    """The task with this id; raises TaskNotFound."""
+def fetch_job(conn: sqlite3.Connection, task_id: str) -> JobRecord:
+    """The job row of the task with this id; raises TaskNotFound."""
     row = conn.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
     if row is None:
         raise TaskNotFound(task_id)
-    return TaskRecord.from_row(row)
+    return JobRecord.from_row(row)
 
 
 def pending_count(conn: sqlite3.Connection, before_seq: int | None = None) -> int:

@@ -41,13 +41,13 @@ from typing import Any
 
 from service.jobs.db import (
     STATUSES,
+    JobRecord,
     SubmitResult,
-    TaskRecord,
     TaskStatus,
     check_admission,
     check_transition,
     connect,
-    fetch_task,
+    fetch_job,
     iso,
     make_owner_id,
     migrate,
@@ -79,13 +79,13 @@ from service.jobs.uploads import (
 __all__ = [
     "IdempotencyKeyReused",
     "InvalidTransition",
+    "JobRecord",
     "JobStore",
     "JobStoreError",
     "LabelConflict",
     "QueueFull",
     "SubmitResult",
     "TaskNotFound",
-    "TaskRecord",
     "TaskStatus",
     "UploadCorrupt",
     "make_owner_id",
@@ -243,7 +243,7 @@ class JobStore:
                     conn.executemany(
                         "INSERT INTO task_labels (task_seq, label, live) VALUES (?, ?, 1)", [(seq, c) for c in classes]
                     )
-                    result = SubmitResult(fetch_task(conn, task_id), created=True, position=pending)
+                    result = SubmitResult(fetch_job(conn, task_id), created=True, position=pending)
         except BaseException:
             remove_tree(staging)  # a no-op once renamed
             if final is not None:
@@ -261,7 +261,7 @@ class JobStore:
         row = conn.execute("SELECT * FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
         if row is None:
             return None
-        record = TaskRecord.from_row(row)
+        record = JobRecord.from_row(row)
         # Tasks stored before request hashes existed (NULL) cannot be compared: the key alone decides for them.
         if record.request_hash is not None and record.request_hash != fingerprint:
             raise IdempotencyKeyReused(key, record.task_id)
@@ -287,13 +287,13 @@ class JobStore:
 
     # -- reading ----------------------------------------------------------------------------------------------
 
-    def get(self, task_id: str) -> TaskRecord:
+    def get(self, task_id: str) -> JobRecord:
         """The task with this id; raises TaskNotFound."""
-        return fetch_task(self._conn(), task_id)
+        return fetch_job(self._conn(), task_id)
 
-    def list_tasks(self) -> list[TaskRecord]:
+    def list_tasks(self) -> list[JobRecord]:
         """All tasks in submission order."""
-        return [TaskRecord.from_row(r) for r in self._conn().execute("SELECT * FROM tasks ORDER BY seq")]
+        return [JobRecord.from_row(r) for r in self._conn().execute("SELECT * FROM tasks ORDER BY seq")]
 
     def counts_by_status(self) -> dict[str, int]:
         """Number of tasks per status; every status is present, zeros included."""
@@ -420,7 +420,7 @@ class JobStore:
 
     # -- worker side: task states -----------------------------------------------------------------------------
 
-    def claim_next(self, owner: str, *, lease: str | None = None) -> TaskRecord | None:
+    def claim_next(self, owner: str, *, lease: str | None = None) -> JobRecord | None:
         """Mark the oldest queued task training for ``owner``.
 
         Args:
@@ -448,7 +448,7 @@ class JobStore:
                 " owner = ?, progress = NULL, error = NULL WHERE task_id = ?",
                 (iso(self._clock()), owner, row["task_id"]),
             )
-            record = fetch_task(conn, row["task_id"])
+            record = fetch_job(conn, row["task_id"])
         logger.info("task %s claimed by %s (attempt %d)", record.task_id, owner, record.attempts)
         return record
 

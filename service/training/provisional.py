@@ -22,9 +22,9 @@ from model.routers import RouterSource
 CHUNK = 32  # images per forward pass
 
 
-def served_inputs(model: CareModel, routers: RouterSource, images: Tensor) -> Tensor:
-    """The served head's (unscaled) inputs of preprocessed images (N, 3, H, W) through `model`, a normal tensor."""
-    if model.head is None:
+def served_inputs(network: CareModel, routers: RouterSource, images: Tensor) -> Tensor:
+    """The served head's (unscaled) inputs of preprocessed images (N, 3, H, W) through `network`, a normal tensor."""
+    if network.head is None:
         raise ValueError("provisional classes need the analytic head")
     rows = []
     with torch.inference_mode():
@@ -32,8 +32,8 @@ def served_inputs(model: CareModel, routers: RouterSource, images: Tensor) -> Te
             # channels_last halves the convolutions below the first site on a CPU (measured on EfficientNet-Lite0
             # at 224 px: 9.3 s -> 5.0 s for 200 images on one core; outputs within 5e-5 of the contiguous ones).
             batch = images[start : start + CHUNK].contiguous(memory_format=torch.channels_last)
-            hidden = model.backbone.embed(batch)
-            rows.append(model.head_inputs_from_embedding(hidden, routers))
+            hidden = network.backbone.embed(batch)
+            rows.append(network.head_inputs_from_embedding(hidden, routers))
     return torch.cat(rows).clone()
 
 

@@ -38,7 +38,7 @@ from service.housekeeping import open_job_store
 from service.inference.backbone import load_backbone
 from service.inference.preprocess import Preprocessor, default_workers
 from service.ingest.limits import upload_limits
-from service.jobs import TaskNotFound, TaskRecord, make_owner_id
+from service.jobs import JobRecord, TaskNotFound, make_owner_id
 from service.jobs.db import process_namespace
 from service.modelstore import (
     LoadedTasks,
@@ -141,11 +141,11 @@ class TrainingWorker:
                 self._reconcile_provisional()
                 if self._make_provisional():
                     continue  # look again: more tasks may have been queued meanwhile
-                task = self.jobs.claim_next(self.owner, lease=LEASE)
-                if task is None:
+                job = self.jobs.claim_next(self.owner, lease=LEASE)
+                if job is None:
                     self.stop_event.wait(self.settings.worker_poll_s)
                     continue
-                self.process(task)
+                self.process(job)
         finally:
             if holding:
                 self.jobs.recover_interrupted()  # a task stopped mid-training goes back to the queue
@@ -154,47 +154,47 @@ class TrainingWorker:
             self.jobs.close()
             logger.info("worker %s stopped", self.owner)
 
-    def process(self, task: TaskRecord) -> None:
+    def process(self, job: JobRecord) -> None:
         """Train one claimed task and publish it, or mark it failed."""
         started = time.perf_counter()
         try:
             manifest = self.registry.latest_manifest()
-            if manifest is not None and any(t.task_id == task.task_id for t in manifest.tasks):
-                self._mark_already_published(task, manifest)
+            if manifest is not None and any(t.task_id == job.task_id for t in manifest.tasks):
+                self._mark_already_published(job, manifest)
                 return
-            new_manifest, metrics = self._train_and_publish(task, manifest)
+            new_manifest, metrics = self._train_and_publish(job, manifest)
         except Stopped:
-            logger.warning("training of %s interrupted; it will be trained again", task.task_id)
+            logger.warning("training of %s interrupted; it will be trained again", job.task_id)
             return
         except Exception as exc:
-            logger.exception("task %s failed", task.task_id)
+            logger.exception("task %s failed", job.task_id)
             error = f"{type(exc).__name__}: {exc}"
             try:
-                withdrawn = self._withdraw({task.task_id})
+                withdrawn = self._withdraw({job.task_id})
             except Exception:  # the main loop's reconciliation withdraws them before any new task becomes provisional
-                logger.exception("could not withdraw the provisional classes of %s yet", task.task_id)
+                logger.exception("could not withdraw the provisional classes of %s yet", job.task_id)
                 withdrawn = None
             if withdrawn is not None:
                 error += f"; its provisional classes were withdrawn in version {withdrawn.version}"
-            self.jobs.mark_failed(task.task_id, error, owner=self.owner)
+            self.jobs.mark_failed(job.task_id, error, owner=self.owner)
             return
         index = len(new_manifest.tasks) - 1
         self.jobs.mark_ready(
-            task.task_id, index=index, model_version=new_manifest.version, metrics=metrics, owner=self.owner
+            job.task_id, index=index, model_version=new_manifest.version, metrics=metrics, owner=self.owner
         )
         logger.info(
-            "task %s learned in %.1fs: version %d", task.task_id, time.perf_counter() - started, new_manifest.version
+            "task %s learned in %.1fs: version %d", job.task_id, time.perf_counter() - started, new_manifest.version
         )
 
-    def _mark_already_published(self, task: TaskRecord, manifest: Manifest) -> None:
-        index = next(i for i, t in enumerate(manifest.tasks) if t.task_id == task.task_id)
+    def _mark_already_published(self, job: JobRecord, manifest: Manifest) -> None:
+        index = next(i for i, t in enumerate(manifest.tasks) if t.task_id == job.task_id)
         version = manifest.version
         while version > 1 and len(self.registry.load_manifest(version - 1).tasks) > index:
             version -= 1
         recorded = manifest.extra.get("task_metrics") if version == manifest.version else None
         metrics: dict[str, Any] = dict(recorded) if isinstance(recorded, dict) else {}
-        logger.warning("task %s was published in version %d before a crash; marking it ready", task.task_id, version)
-        self.jobs.mark_ready(task.task_id, index=index, model_version=version, metrics=metrics, owner=self.owner)
+        logger.warning("task %s was published in version %d before a crash; marking it ready", job.task_id, version)
+        self.jobs.mark_ready(job.task_id, index=index, model_version=version, metrics=metrics, owner=self.owner)
 
     def _task_tensors(
         self, task_id: str, classes: tuple[str, ...] | list[str], per_class: int = 0
@@ -216,9 +216,9 @@ class TrainingWorker:
         tensor = self.preprocess(list(zip(names, images, strict=True)))
         return tensor, torch.tensor([list(classes).index(label) for label in labels])
 
-    def _train_and_publish(self, task: TaskRecord, manifest: Manifest | None) -> tuple[Manifest, dict[str, Any]]:
-        classes = list(task.classes)
-        tensor, targets = self._task_tensors(task.task_id, classes)
+    def _train_and_publish(self, job: JobRecord, manifest: Manifest | None) -> tuple[Manifest, dict[str, Any]]:
+        classes = list(job.classes)
+        tensor, targets = self._task_tensors(job.task_id, classes)
         lineage = self._lineage(manifest)
         learned = learn_task(
             self.backbone,
@@ -228,15 +228,15 @@ class TrainingWorker:
             tensor,
             targets,
             len(classes),
-            progress=lambda p: self._progress(task.task_id, p),
+            progress=lambda p: self._progress(job.task_id, p),
         )
         self._check_running()
         metrics = {key: round(value, 4) for key, value in learned.metrics.items()}
-        parent, provisional = self._still_provisional(manifest, lineage, learned, task.task_id)
+        parent, provisional = self._still_provisional(manifest, lineage, learned, job.task_id)
         self._check_running()
         new_manifest = self.store.publish(
             parent,
-            [NewTask(learned, task.task_id, classes, task.name)],
+            [NewTask(learned, job.task_id, classes, job.name)],
             extra={"task_metrics": metrics},
             provisional=provisional,
         )
@@ -253,8 +253,8 @@ class TrainingWorker:
         """`manifest` as servers serve it (its bank is shared with the training lineage when the tasks agree)."""
         loaded = self.store.load_tasks(manifest, previous=self._loaded)
         self._loaded = (manifest, loaded)
-        model = CareModel(self.config, self.backbone, loaded.bank, loaded.classifier, loaded.head)
-        return model, CachedRouters(self.registry, manifest, self.store.site_dims, self.cache), loaded
+        network = CareModel(self.config, self.backbone, loaded.bank, loaded.classifier, loaded.head)
+        return network, CachedRouters(self.registry, manifest, self.store.site_dims, self.cache), loaded
 
     def _statistics_of(self, manifest: Manifest) -> HeadStatistics:
         if self._served_statistics is None or self._served_statistics[0] != manifest.version:
@@ -274,44 +274,44 @@ class TrainingWorker:
             for t in self.jobs.list_tasks()
             if t.status == "queued" and t.task_id not in served and t.task_id not in self._no_provisional
         ]
-        for task in pending:
+        for job in pending:
             self._check_running()
             try:
-                manifest = self._publish_provisional(manifest, task)
+                manifest = self._publish_provisional(manifest, job)
             except Stopped:
                 raise
             except Exception:
                 # The task is still trained as usual; only its early answers are lost.
-                logger.exception("could not make task %s provisional; it will be served once trained", task.task_id)
-                self._no_provisional.add(task.task_id)
+                logger.exception("could not make task %s provisional; it will be served once trained", job.task_id)
+                self._no_provisional.add(job.task_id)
                 manifest = self.registry.latest_manifest() or manifest
         return bool(pending)
 
-    def _publish_provisional(self, manifest: Manifest, task: TaskRecord) -> Manifest:
+    def _publish_provisional(self, manifest: Manifest, job: JobRecord) -> Manifest:
         started = time.perf_counter()
         threads = torch.get_num_threads()
         # Short and latency-bound, and training is paused meanwhile: every core it may use (64 images at 224 px
         # on EfficientNet-Lite0, the 2-core box: 2.0 s on one thread, 1.3 s on two).
         torch.set_num_threads(self.settings.provisional_threads or default_workers())
         try:
-            return self._publish_provisional_now(manifest, task, started)
+            return self._publish_provisional_now(manifest, job, started)
         finally:
             torch.set_num_threads(threads)
 
-    def _publish_provisional_now(self, manifest: Manifest, task: TaskRecord, started: float) -> Manifest:
+    def _publish_provisional_now(self, manifest: Manifest, job: JobRecord, started: float) -> Manifest:
         marks = [started]
         with torch.random.fork_rng(devices=[]), torch.no_grad():  # a training run may be paused around us
-            images, labels = self._task_tensors(task.task_id, task.classes, self.settings.provisional_images_per_class)
-            model, routers, loaded = self._served(manifest)
+            images, labels = self._task_tensors(job.task_id, job.classes, self.settings.provisional_images_per_class)
+            network, routers, loaded = self._served(manifest)
             if loaded.head is None:
                 raise ValueError(f"version {manifest.version} has no analytic head")
             previous = self._statistics_of(manifest)
             marks.append(time.perf_counter())
-            inputs = served_inputs(model, routers, images)
+            inputs = served_inputs(network, routers, images)
             marks.append(time.perf_counter())
-            statistics, head = add_classes(previous, loaded.head, inputs, labels, len(task.classes), self.ridge_ratio)
+            statistics, head = add_classes(previous, loaded.head, inputs, labels, len(job.classes), self.ridge_ratio)
             marks.append(time.perf_counter())
-        tasks = [*provisional_tasks(manifest), ProvisionalTask(task.task_id, task.name, tuple(task.classes))]
+        tasks = [*provisional_tasks(manifest), ProvisionalTask(job.task_id, job.name, tuple(job.classes))]
         self._check_running()
         published = self.store.publish_provisional(
             manifest,
@@ -324,7 +324,7 @@ class TrainingWorker:
         load, forward, solve, publish = (b - a for a, b in itertools.pairwise(marks))
         logger.info(
             "task %s is provisional in version %d (%d images, %.1fs: load %.2f forward %.2f solve %.2f publish %.2f)",
-            task.task_id,
+            job.task_id,
             published.version,
             len(images),
             marks[-1] - started,
@@ -384,7 +384,7 @@ class TrainingWorker:
             return None
         keep = [p for p in current if p.task_id not in task_ids]
         with torch.no_grad():
-            model, routers, loaded = self._served(latest)
+            network, routers, loaded = self._served(latest)
             trained = self.store.load_statistics(latest)[1]
             if loaded.head is None or trained is None:
                 raise ValueError(f"version {latest.version} has no analytic head")
@@ -393,7 +393,7 @@ class TrainingWorker:
                 images, labels = self._task_tensors(
                     pending.task_id, pending.classes, self.settings.provisional_images_per_class
                 )
-                entries.append((served_inputs(model, routers, images), labels, len(pending.classes)))
+                entries.append((served_inputs(network, routers, images), labels, len(pending.classes)))
             statistics, head = rebuild(trained, loaded.head.scale, loaded.head.temperature, entries, self.ridge_ratio)
         published = self.store.publish_provisional(latest, loaded.classifier, ProvisionalHead(keep, head, statistics))
         self._served_statistics = (published.version, statistics)

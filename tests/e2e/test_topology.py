@@ -39,7 +39,7 @@ import yaml
 from bench.datasets import Task, make_stream, png_bytes
 from bench.harness import CARE_SERVE, Process, free_port, start, wait_task, wait_until
 from registry import Registry
-from service.jobs import JobStore, TaskRecord
+from service.jobs import JobRecord, JobStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -383,7 +383,7 @@ def test_only_the_lease_holder_trains_and_a_survivor_takes_over(stack: Stack, ta
         jobs.close()
 
 
-def check_one_trainer_at_a_time(records: list[TaskRecord], registry: Registry) -> None:
+def check_one_trainer_at_a_time(records: list[JobRecord], registry: Registry) -> None:
     """Trainings never overlapped, and each published version adds exactly one task to its parent."""
     ready = sorted((r for r in records if r.status == "ready"), key=lambda r: r.index if r.index is not None else -1)
     assert [r.index for r in ready] == list(range(len(ready)))

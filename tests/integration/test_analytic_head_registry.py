@@ -73,9 +73,9 @@ def test_each_version_keeps_its_own_head_and_statistics_and_rollback_serves_it(
     assert p1.shape == (10, 2) and p2.shape == (10, 3)
     torch.testing.assert_close(p1.sum(1), torch.ones(10))
     assert served_v1.labels == ("s0-0", "s0-1") and served_v2.labels == ("s0-0", "s0-1", "s1-0")
-    assert served_v1.model is not None and served_v2.model is not None
-    scores_v1 = served_v1.model.logits(images, served_v1.routers)  # type: ignore[arg-type]
-    scores_v2 = served_v2.model.logits(images, served_v2.routers)  # type: ignore[arg-type]
+    assert served_v1.network is not None and served_v2.network is not None
+    scores_v1 = served_v1.network.logits(images, served_v1.routers)  # type: ignore[arg-type]
+    scores_v2 = served_v2.network.logits(images, served_v2.routers)  # type: ignore[arg-type]
     assert not torch.allclose(scores_v1, scores_v2[:, :2])  # the second task re-solved the first task's classes
 
 

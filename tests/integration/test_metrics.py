@@ -122,14 +122,14 @@ def test_every_documented_and_plotted_series_is_exposed_and_moves_under_traffic(
 
     # Hold the first batch on the inference thread; the requests sent meanwhile wait in the batcher's queue.
     entered, gate = threading.Event(), threading.Event()
-    real_probabilities = snapshot.ServedModel.probabilities
+    real_probabilities = snapshot.ServedVersion.probabilities
 
-    def held(self: snapshot.ServedModel, images: object) -> object:
+    def held(self: snapshot.ServedVersion, images: object) -> object:
         entered.set()
         assert gate.wait(60), "the test never released the batch"
         return real_probabilities(self, images)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(snapshot.ServedModel, "probabilities", held)
+    monkeypatch.setattr(snapshot.ServedVersion, "probabilities", held)
     image = {"content": png((200, 30, 30)), "headers": {"content-type": "image/png"}}
     codes: list[int] = []
 

@@ -94,7 +94,7 @@ def test_queued_tasks_become_provisional_in_order_then_training_replaces_them(
     assert "care_classes_provisional 3.0" in metrics
     assert "care_task_servable_seconds_count 2.0" in metrics  # second and third became servable here
 
-    # The provisional statistics are the trained ones plus the new images' inputs through version 1's model.
+    # The provisional statistics are the trained ones plus the new images' inputs through version 1's network.
     trained = trainer_state(worker, 1, "head")
     full = trainer_state(worker, 3, "provisional")
     assert full.class_counts.tolist() == [3, 3, 3, 3, 3]
@@ -114,10 +114,10 @@ def test_queued_tasks_become_provisional_in_order_then_training_replaces_them(
     assert trained4.num_classes == 4 and full4.num_classes == 5
     torch.testing.assert_close(full4.class_sums[:4], trained4.class_sums)
     # The third task's statistics are its images' inputs through the trained version 4, not version 1's.
-    model, routers, loaded = worker._served(trained_version)
+    network, routers, loaded = worker._served(trained_version)
     assert loaded.head is not None
     images, labels = worker._task_tensors(third, ("c0",))
-    inputs = served_inputs(model, routers, images).double() * loaded.head.scale.double()
+    inputs = served_inputs(network, routers, images).double() * loaded.head.scale.double()
     torch.testing.assert_close(full4.class_sums[4], inputs.sum(dim=0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(full4.gram - trained4.gram, inputs.T @ inputs, rtol=1e-5, atol=1e-4)
     assert labels.tolist() == [0, 0, 0]

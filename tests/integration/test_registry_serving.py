@@ -20,7 +20,7 @@ from model.backbone import SiteBackbone, build_backbone
 from model.config import ModelConfig
 from model.routers import TaskRouters
 from registry import Registry
-from service.inference.snapshot import CurrentModel, ServedModel, SnapshotLoader
+from service.inference.snapshot import ServedVersion, ServingSlot, SnapshotLoader
 from service.modelstore import ModelStore
 from service.routers.cache import TieredLRUCache
 from service.routers.source import RouterCache, new_router_cache, router_bytes
@@ -65,7 +65,7 @@ class CheckedCache(TieredLRUCache[str, TaskRouters]):
         assert self.stats().device.resident_bytes <= self.cap
 
 
-def serve(store: ModelStore, cache: RouterCache, version: int) -> ServedModel:
+def serve(store: ModelStore, cache: RouterCache, version: int) -> ServedVersion:
     return SnapshotLoader(store, cache).load(store.registry.load_manifest(version), None)
 
 
@@ -90,8 +90,8 @@ def test_capped_cache_predicts_exactly_like_an_uncapped_one(store: ModelStore) -
 def test_predictions_during_publishes_each_use_exactly_one_version(store: ModelStore) -> None:
     first = populate(store, 3, classes_per_task=2, seed=1)
     cache = new_router_cache(CPU, None)
-    current = CurrentModel(SnapshotLoader(store, cache))
-    current.update_to(first.version)
+    serving = ServingSlot(SnapshotLoader(store, cache))
+    serving.update_to(first.version)
     batch = images(4, seed=5)
     results: list[tuple[int, torch.Tensor]] = []
     errors: list[BaseException] = []
@@ -101,10 +101,10 @@ def test_predictions_during_publishes_each_use_exactly_one_version(store: ModelS
     def predict_until_done() -> None:
         try:
             while True:
-                model = current.model  # one reference per batch: the batch runs on exactly this version
-                assert model.version is not None
-                results.append((model.version, model.probabilities(batch)))
-                if done.is_set() and model.version == final[0]:
+                served = serving.served  # one reference per batch: the batch runs on exactly this version
+                assert served.version is not None
+                results.append((served.version, served.probabilities(batch)))
+                if done.is_set() and served.version == final[0]:
                     return
         except BaseException as exc:
             errors.append(exc)
@@ -114,7 +114,7 @@ def test_predictions_during_publishes_each_use_exactly_one_version(store: ModelS
     manifest = first
     for step in range(6):
         manifest = populate(store, 1, classes_per_task=2, seed=10 + step, parent=manifest)
-        assert current.update_to(manifest.version)
+        assert serving.update_to(manifest.version)
     final.append(manifest.version)
     done.set()
     predictor.join(timeout=60)
@@ -138,10 +138,10 @@ def test_corrupted_version_is_refused_and_the_last_good_one_keeps_serving(
 ) -> None:
     good = populate(store, 2, classes_per_task=2, seed=3)
     failures: list[tuple[int, Exception]] = []
-    current = CurrentModel(
+    serving = ServingSlot(
         SnapshotLoader(store, new_router_cache(CPU, None)), on_failure=lambda v, e: failures.append((v, e))
     )
-    assert current.update_to(good.version)
+    assert serving.update_to(good.version)
     bad = populate(store, 1, classes_per_task=2, seed=4, parent=good)
     path = store.registry.backend.local_path(bad.tasks[-1].files[role])
     data = bytearray(path.read_bytes())
@@ -151,8 +151,8 @@ def test_corrupted_version_is_refused_and_the_last_good_one_keeps_serving(
         data[-5] ^= 0xFF
         path.write_bytes(bytes(data))
 
-    assert not current.update_to(bad.version)
-    assert current.model.version == good.version
-    assert current.model.probabilities(images(2)).shape == (2, 4)
+    assert not serving.update_to(bad.version)
+    assert serving.served.version == good.version
+    assert serving.served.probabilities(images(2)).shape == (2, 4)
     ((version, error),) = failures
     assert version == bad.version and str(path.name) in str(error)

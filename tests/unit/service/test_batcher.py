@@ -1,7 +1,7 @@
 """Micro-batching: requests are grouped up to the batch size, one model per batch, a full queue answers 429.
 
 Nothing sleeps to wait for a state change: a gated model says when a batch has reached the executor
-(`FakeModel.entered`), and queue states are polled with a deadline (`until`). The one fixed pause left is where a
+(`FakeVersion.entered`), and queue states are polled with a deadline (`until`). The one fixed pause left is where a
 test asserts that something does *not* happen while the executor is busy.
 """
 
@@ -27,7 +27,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class FakeModel:
+class FakeVersion:
     """Returns each image's first pixel as its 'probability'; can be gated to hold a batch on the executor."""
 
     def __init__(self, version: int, gate: threading.Event | None = None) -> None:
@@ -62,13 +62,13 @@ async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10.
         await asyncio.sleep(0.001)
 
 
-async def held(model: FakeModel) -> None:
+async def held(model: FakeVersion) -> None:
     """Wait until a batch is on the executor (and held there by the model's gate)."""
     assert await asyncio.to_thread(model.entered.wait, 10), "no batch reached the executor"
 
 
 async def test_concurrent_requests_share_a_batch() -> None:
-    model = FakeModel(1)
+    model = FakeVersion(1)
     micro, sizes = batcher(model, max_wait_s=0.2)
     micro.start()
     results = await asyncio.gather(*(micro.submit(images(2)) for _ in range(3)))
@@ -79,7 +79,7 @@ async def test_concurrent_requests_share_a_batch() -> None:
 
 async def test_batches_never_exceed_the_maximum_size() -> None:
     gate = threading.Event()
-    model = FakeModel(1, gate)
+    model = FakeVersion(1, gate)
     micro, sizes = batcher(model, max_wait_s=0.01)
     micro.start()
     pending = [asyncio.ensure_future(micro.submit(images(4))) for _ in range(5)]
@@ -91,22 +91,22 @@ async def test_batches_never_exceed_the_maximum_size() -> None:
     assert sizes == [8, 8, 4]
 
 
-async def test_each_batch_reads_the_model_once() -> None:
-    models = [FakeModel(1), FakeModel(2)]
-    current = {"model": models[0]}
-    micro = MicroBatcher(lambda: current["model"], max_batch_size=4, max_wait_s=0.0, max_queue_images=64, threads=1)
+async def test_each_batch_reads_the_served_version_once() -> None:
+    models = [FakeVersion(1), FakeVersion(2)]
+    serving = {"served": models[0]}
+    micro = MicroBatcher(lambda: serving["served"], max_batch_size=4, max_wait_s=0.0, max_queue_images=64, threads=1)
     micro.start()
     first = await micro.submit(images(2))
-    current["model"] = models[1]
+    serving["served"] = models[1]
     second = await micro.submit(images(2))
     await micro.stop()
-    assert first.model is models[0] and torch.all(first.probabilities == 1)
-    assert second.model is models[1] and torch.all(second.probabilities == 2)
+    assert first.served is models[0] and torch.all(first.probabilities == 1)
+    assert second.served is models[1] and torch.all(second.probabilities == 2)
 
 
 async def test_requests_that_wait_for_a_running_batch_form_one_full_batch() -> None:
     gate = threading.Event()
-    model = FakeModel(1, gate)
+    model = FakeVersion(1, gate)
     micro, sizes = batcher(model, max_wait_s=0.0)
     micro.start()
     running = asyncio.ensure_future(micro.submit(images(1)))
@@ -123,7 +123,7 @@ async def test_requests_that_wait_for_a_running_batch_form_one_full_batch() -> N
 
 async def test_full_queue_is_refused_with_retry_after_and_stop_fails_the_rest() -> None:
     gate = threading.Event()
-    model = FakeModel(1, gate)
+    model = FakeVersion(1, gate)
     micro, _ = batcher(model, max_queue_images=4, max_batch_size=2, max_wait_s=0.0)
     micro.start()
     running = asyncio.ensure_future(micro.submit(images(2)))
@@ -146,7 +146,7 @@ async def test_full_queue_is_refused_with_retry_after_and_stop_fails_the_rest() 
 
 async def test_the_queue_is_reported_as_requests_are_queued_and_taken_into_batches() -> None:
     gate = threading.Event()
-    model: Any = FakeModel(1, gate)
+    model: Any = FakeVersion(1, gate)
     reported: list[int] = []
     micro = MicroBatcher(
         lambda: model, max_batch_size=4, max_wait_s=0.0, max_queue_images=64, threads=1, on_queue=reported.append
@@ -166,7 +166,7 @@ async def test_the_queue_is_reported_as_requests_are_queued_and_taken_into_batch
 
 async def test_requests_collected_when_stop_comes_are_failed_not_lost() -> None:
     # A long max_wait: the collector has taken the first request and waits for company when stop() cancels it.
-    model: Any = FakeModel(1)
+    model: Any = FakeVersion(1)
     reported: list[int] = []
     micro = MicroBatcher(
         lambda: model, max_batch_size=8, max_wait_s=60.0, max_queue_images=64, threads=1, on_queue=reported.append

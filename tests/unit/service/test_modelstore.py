@@ -21,7 +21,7 @@ from model.head import AnalyticHead, HeadStatistics
 from model.synthetic import random_shared, random_task, synthetic_head
 from model.trainer import LearnedTask
 from registry import Manifest, Registry
-from service.inference.snapshot import CurrentModel, ServedModel, SnapshotLoader, empty_model
+from service.inference.snapshot import ServedVersion, ServingSlot, SnapshotLoader, empty_version
 from service.modelstore import (
     EXTRA_HEAD_STATE,
     EXTRA_PROVISIONAL,
@@ -238,11 +238,11 @@ def test_malformed_provisional_entries_and_head_state_versions_are_refused(store
             head_state_version(manifest.model_copy(update={"extra": {EXTRA_HEAD_STATE: bad_version}}))
 
 
-# ---- the served model -----------------------------------------------------------------------------------------
+# ---- the served version ---------------------------------------------------------------------------------------
 
 
 def test_nothing_learned_serves_no_probabilities() -> None:
-    empty = empty_model()
+    empty = empty_version()
     assert (empty.version, empty.num_tasks, empty.num_classes, empty.num_provisional_classes) == (None, 0, 0, 0)
     with pytest.raises(RuntimeError, match="no classes"):
         empty.probabilities(torch.zeros(1, 3, 32, 32))
@@ -275,26 +275,26 @@ def test_the_top_k_is_ordered_clamped_and_marks_provisional_classes(store: Model
 def test_the_swap_takes_only_newer_versions_refuses_a_bad_one_once_and_reuses_loaded_tasks(
     store: ModelStore, reads: list[str]
 ) -> None:
-    swaps: list[ServedModel] = []
+    swaps: list[ServedVersion] = []
     failures: list[int] = []
-    current = CurrentModel(
+    serving = ServingSlot(
         SnapshotLoader(store, new_router_cache(CPU, None)),
         on_swap=swaps.append,
         on_failure=lambda version, error: failures.append(version),
     )
-    assert not current.update_to(None) and not current.update_to(1)  # nothing published: version 1 is refused
-    assert failures == [1] and current.model.version is None
+    assert not serving.update_to(None) and not serving.update_to(1)  # nothing published: version 1 is refused
+    assert failures == [1] and serving.served.version is None
     first = publish(store, None, seed=1)
-    assert not current.update_to(1), "a refused version is not tried again"
+    assert not serving.update_to(1), "a refused version is not tried again"
     assert failures == [1]
     second = publish(store, first, seed=2)
     reads.clear()
-    assert current.update_to(2) and current.model.version == 2 and [s.version for s in swaps] == [2]
+    assert serving.update_to(2) and serving.served.version == 2 and [s.version for s in swaps] == [2]
     assert second.tasks[0].files["experts"] in reads  # nothing was loaded before: a full load
-    assert not current.update_to(2) and not current.update_to(1)  # not newer
+    assert not serving.update_to(2) and not serving.update_to(1)  # not newer
     third = publish(store, second, seed=3)
     reads.clear()
-    assert current.update_to(3) and current.model.version == 3
+    assert serving.update_to(3) and serving.served.version == 3
     # Only what version 3 adds was read; the tasks already served were reused.
     assert sorted(reads) == sorted([third.version_files["classifier"], third.tasks[2].files["experts"]])
-    assert [s.version for s in swaps] == [2, 3] and swaps[-1] is current.model
+    assert [s.version for s in swaps] == [2, 3] and swaps[-1] is serving.served
