@@ -1,7 +1,9 @@
 """Storage backends: where the registry's bytes live.
 
-The registry only talks to the small :class:`StorageBackend` interface, so a shared object store (with a lease or
-a conditional put as its lock) can later replace the local directory without touching the registry's logic.
+The registry only talks to the small :class:`StorageBackend` interface: the local directory here (an ``flock``
+serialises publishers) and S3-compatible object storage in :mod:`registry.s3` (a conditional put decides between
+publishers). How a version becomes visible is the backend's :meth:`StorageBackend.commit_version`, so each backend
+uses its own way to let exactly one of two concurrent publishers win.
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from registry.errors import LockTimeout
 from registry.owner import is_owner_tag, owner_tag, written_by_dead_local_process
-from registry.paths import LOCK_FILE, validate_relpath
+from registry.paths import CURRENT_FILE, LOCK_FILE, validate_relpath
 
-__all__ = ["FileStat", "LocalDirectoryBackend", "StagedFile", "StorageBackend", "is_temp_name"]
+__all__ = ["FileStat", "LocalDirectoryBackend", "PrepareCommit", "StagedFile", "StorageBackend", "is_temp_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,10 @@ class StagedFile:
     temp_path: Path
 
 
+PrepareCommit = Callable[[], Sequence[StagedFile]]
+"""Checks a publish at the backend's decision point and returns the staged files to publish (see commit_version)."""
+
+
 @runtime_checkable
 class StorageBackend(Protocol):
     """What the registry needs from a store of files."""
@@ -91,16 +97,23 @@ class StorageBackend(Protocol):
         """Have ``write`` fill a temporary file beside ``relpath``, make it durable, and return it unpublished."""
         ...
 
-    def commit(self, staged: StagedFile) -> None:
-        """Atomically publish a staged file under its final name (replacing any file of that name) durably."""
-        ...
-
     def discard(self, staged: StagedFile) -> None:
         """Remove a staged file that will not be published."""
         ...
 
-    def lock(self, timeout_s: float) -> contextlib.AbstractContextManager[None]:
-        """Exclusive lock across processes for the duration of a ``with`` block; raise LockTimeout."""
+    def commit_version(self, version: int, *, prepare: PrepareCommit, manifest: StagedFile, timeout_s: float) -> None:
+        """Make ``version`` visible: its files, then its ``manifest``, then ``CURRENT`` = ``version``, last.
+
+        ``prepare`` checks that the parent (``version - 1``) is still current and that no published file would change
+        (raising PublishConflict or ArtifactExists), and returns the staged files to publish. The backend runs it
+        where its decision between concurrent publishers of ``version`` is still to come: under the local lock, or
+        before the conditional write that claims the version in an object store. Of two publishers of the same
+        version exactly one returns; the other raises PublishConflict, and no reader ever sees a partial version.
+
+        Raises:
+            PublishConflict: Another publisher published (or claimed) ``version`` first.
+            LockTimeout: The backend could not get its turn within ``timeout_s`` seconds.
+        """
         ...
 
 
@@ -218,6 +231,23 @@ class LocalDirectoryBackend:
     def discard(self, staged: StagedFile) -> None:
         """Remove a staged file (no error when it is already gone)."""
         staged.temp_path.unlink(missing_ok=True)
+
+    def commit_version(self, version: int, *, prepare: PrepareCommit, manifest: StagedFile, timeout_s: float) -> None:
+        """Under :meth:`lock`: run ``prepare``, rename its files into place, then the manifest, then ``CURRENT``.
+
+        Each rename is atomic and durable; ``CURRENT`` moves last, so a crash anywhere before leaves the old version
+        current (files already renamed are unreferenced, and a retry overwrites them).
+        """
+        with self.lock(timeout_s):
+            for staged in prepare():
+                self.commit(staged)
+            self.commit(manifest)
+            pointer = self.stage(CURRENT_FILE, lambda path: path.write_text(f"{version}\n", "ascii"))
+            try:
+                self.commit(pointer)
+            except BaseException:
+                self.discard(pointer)
+                raise
 
     def temp_files(self) -> list[tuple[Path, float]]:
         """Staged files anywhere under the root (left by a crashed publisher, or being written now) and their mtimes."""

@@ -1,16 +1,18 @@
-"""The publish transaction: stage new files, then under the lock compare-and-swap, commit, write manifest, move pointer.
+"""The publish transaction: stage new files, then compare-and-swap, commit, write manifest, move pointer.
 
 Publishing builds on the read side (:class:`registry.reader.RegistryReader`: the current version, the parent's
 manifest, the records of published files); the read side never imports this module.
 
-Order of visibility (each step is temp file -> fsync -> rename -> fsync directory):
+Order of visibility:
 
-1. new task/version files and the trainer state, staged as dot files *outside* the lock (the slow part);
-2. under an exclusive lock: check that the parent is still current (compare-and-swap), refuse to overwrite a
-   published file with different content, rename the staged files into place;
+1. new task/version files, the trainer state and the manifest, staged *before* any decision (the slow part);
+2. the backend's ``commit_version``: at its decision point (under an exclusive lock for the local directory, before
+   the conditional claim of the version in an object store) check that the parent is still current
+   (compare-and-swap) and refuse to overwrite a published file with different content; then publish the files;
 3. the manifest;
-4. ``CURRENT``, last. Until this rename nobody reads the new version, so a crash anywhere before leaves the old
-   version current; files left behind are unreferenced and a retry overwrites them.
+4. ``CURRENT``, last. Until it moves nobody reads the new version. For the local directory (each step temp file ->
+   fsync -> rename -> fsync directory) a crash anywhere before leaves the old version current, and files left
+   behind are unreferenced and a retry overwrites them; for S3 see :mod:`registry.s3`.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ from typing import Any
 
 import torch
 
-from registry.backend import StagedFile, StorageBackend
+from registry.backend import StagedFile
 from registry.errors import ArtifactExists, IncompatibleArtifact, PublishConflict
 from registry.hashing import config_fingerprint, sha256_file
 from registry.manifest import SCHEMA_VERSION, FileRecord, Manifest, TaskRecord, TrainerStateRecord, normalize_config
-from registry.paths import CURRENT_FILE, trainer_state_path, validate_relpath
+from registry.paths import trainer_state_path, validate_relpath
 from registry.reader import RegistryReader
 from registry.tensors import TensorFile, write_tensor_file
 
@@ -95,11 +97,6 @@ def _record_of(staged: StagedFile) -> FileRecord:
     return FileRecord(size=os.stat(staged.temp_path).st_size, sha256=sha256_file(staged.temp_path))
 
 
-def _commit(backend: StorageBackend, staged: dict[str, StagedFile], relpath: str) -> None:
-    backend.commit(staged[relpath])
-    del staged[relpath]  # only once committed: a failed commit leaves the temp file for the cleanup to remove
-
-
 def publish_version(
     reader: RegistryReader,
     *,
@@ -160,7 +157,12 @@ def publish_version(
             extra=dict(extra),
         )
         manifest_bytes = manifest.to_json()
-        with backend.lock(lock_timeout_s):
+        staged_manifest = backend.stage(manifest.name, lambda path: path.write_bytes(manifest_bytes))
+        staged[manifest.name] = staged_manifest
+
+        def prepare() -> list[StagedFile]:
+            # Run by the backend where concurrent publishers are not decided yet (under the lock, or before the
+            # conditional write that claims the version).
             _check_parent(parent, reader.current_version())
             for relpath, record in new_records.items():
                 published = reader.find_record(relpath)
@@ -175,13 +177,11 @@ def publish_version(
                     )
                 logger.info("%s is already published with identical content; reusing it", relpath)
                 backend.discard(staged.pop(relpath))
-            for relpath in list(staged):
-                _commit(backend, staged, relpath)
-            staged[manifest.name] = backend.stage(manifest.name, lambda path: path.write_bytes(manifest_bytes))
-            _commit(backend, staged, manifest.name)
-            # The pointer moves last: before this rename no reader can see the new version.
-            staged[CURRENT_FILE] = backend.stage(CURRENT_FILE, lambda path: path.write_text(f"{version}\n", "ascii"))
-            _commit(backend, staged, CURRENT_FILE)
+            return [item for relpath, item in staged.items() if relpath != manifest.name]
+
+        # The files, then the manifest, then CURRENT, last: before it moves no reader can see the new version.
+        backend.commit_version(version, prepare=prepare, manifest=staged_manifest, timeout_s=lock_timeout_s)
+        staged.clear()
     finally:
         for leftover in staged.values():
             backend.discard(leftover)
