@@ -1,12 +1,11 @@
 """The API's error envelope and the one place that maps errors to HTTP responses.
 
 Every error answer has the body `{"error": {"code", "message", "details"}}` (see docs/api.md). `ERRORS` is the
-table of the API's errors: code -> status, message template, headers and details. Routes and the batcher raise
-`api_error(code, **fields)`; the domain exceptions of layers that know nothing of HTTP (the job store) name their
-code in a `code` class attribute and reach the same table through the handler `install_error_handlers` registers
-for them. The request readers (service/ingest/) raise `ApiError` with messages they compose themselves. Anything
-unexpected becomes a 500 with a request id and no traceback in the body: a 5xx other than 503 with Retry-After is
-a bug.
+table of the API's errors: code -> status, message template, headers and details. Routes, the batcher and the
+request readers (service/ingest/) raise `api_error(code, **fields)`; the domain exceptions of layers that know
+nothing of HTTP (the job store) name their code in a `code` class attribute and reach the same table through the
+handler `install_error_handlers` registers for them. Anything unexpected becomes a 500 with a request id and no
+traceback in the body: a 5xx other than 503 with Retry-After is a bug.
 """
 
 from __future__ import annotations
@@ -67,6 +66,22 @@ def _first_labels(fields: Fields) -> Fields:
     return {"count": len(labels), "shown": ", ".join(labels[:10])}
 
 
+def _media_types(fields: Fields) -> Fields:
+    """`shown`, the refused Content-Type or "(none)", and `accepted_list`, the accepted ones comma-separated."""
+    return {"shown": fields["content_type"] or "(none)", "accepted_list": ", ".join(fields["accepted"])}
+
+
+def _ascii_name(fields: Fields) -> Fields:
+    """`shown`, the client's `name` in ASCII (rendering it can never fail), `entries` and `reason` for details."""
+    shown = ascii(fields["name"])
+    return {"shown": shown, "entries": [shown[1:-1]], "reason": fields["problem"]}
+
+
+def _count_of(name: str) -> Callable[[Fields], Fields]:
+    """A `derive` that sets `count` to the length of the field `name`."""
+    return lambda fields: {"count": len(fields[name])}
+
+
 @dataclass(frozen=True)
 class ErrorRule:
     """How the API answers one kind of error.
@@ -78,6 +93,9 @@ class ErrorRule:
         headers: Response headers; values are templates too (e.g. Retry-After).
         details: Fields copied into `details`, under their own names.
         derive: Fields computed from the others before formatting (e.g. whole seconds from an estimate).
+        composed: The raiser composes the message (the `message` field, for a template of "{message}") and the
+            details (the `details` field, a dict or None): codes raised by many different checks, each of which
+            says what it found (the request readers' `bad_request`, `too_large`, `invalid_image`).
     """
 
     status: int
@@ -86,16 +104,19 @@ class ErrorRule:
     headers: Mapping[str, str] = field(default_factory=dict)
     details: tuple[str, ...] = ()
     derive: Callable[[Fields], Fields] | None = None
+    composed: bool = False
 
     def error(self, **fields: Any) -> ApiError:
         """The `ApiError` this rule answers for `fields`."""
         if self.derive is not None:
             fields = {**fields, **self.derive(fields)}
+        details = dict(fields.get("details") or {}) if self.composed else {}
+        details.update((name, fields[name]) for name in self.details)
         return ApiError(
             self.status,
             self.code,
             self.message.format(**fields),
-            {name: fields[name] for name in self.details},
+            details,
             {name: value.format(**fields) for name, value in self.headers.items()},
         )
 
@@ -108,11 +129,42 @@ _KEY_REUSED = (
     "the Idempotency-Key was first used for task {task_id} with different images, labels or name; retry with exactly "
     "the same request, or send a new key for a new task"
 )
+_BAD_LABELS = (
+    "{count} invalid label(s): {shown}. Fix them: labels are 1 to {max_length} characters, without control "
+    "characters, '/', '\\' or surrounding spaces, not '.' or '..'"
+)
+_BAD_NAME = "{what} {shown} {problem}; name files and folders in UTF-8 without non-characters"
+_TOO_FEW = "every class needs at least {min_images_per_class} images, {count} have fewer: {shown}; add images"
+_BUSY = "the server already receives {limit_bytes} bytes of request bodies, its limit; retry in {retry_after} s"
 
-# Every error the routes, the batcher and the job store answer with, by code. docs/api.md lists the same codes.
+# Every error the routes, the batcher, the request readers and the job store answer with, by code. docs/api.md
+# lists the same codes.
 ERRORS: dict[str, ErrorRule] = {
     rule.code: rule
     for rule in (
+        # The request readers (service/ingest/).
+        ErrorRule(400, "bad_request", "{message}", composed=True),
+        ErrorRule(408, "request_timeout", "{reason}; send the request body without pauses", {"Connection": "close"}),
+        ErrorRule(413, "too_large", "{message}", composed=True),
+        ErrorRule(
+            415,
+            "unsupported_media_type",
+            "Content-Type {shown!r} is not accepted here; send one of: {accepted_list}",
+            details=("content_type", "accepted"),
+            derive=_media_types,
+        ),
+        ErrorRule(422, "invalid_image", "{message}", composed=True),
+        ErrorRule(422, "invalid_label", _BAD_LABELS, details=("labels",), derive=_count_of("labels")),
+        ErrorRule(422, "invalid_name", _BAD_NAME, details=("entries", "reason"), derive=_ascii_name),
+        ErrorRule(
+            422,
+            "too_few_images",
+            _TOO_FEW,
+            details=("min_images_per_class", "counts", "classes"),
+            derive=_count_of("classes"),
+        ),
+        ErrorRule(429, "uploads_busy", _BUSY, {"Retry-After": "{retry_after}"}, details=("limit_bytes",)),
+        # The routes, the batcher and the job store.
         ErrorRule(401, "unauthorized", "{what} required: {how}", {"WWW-Authenticate": "Bearer"}),
         ErrorRule(403, "forbidden", "the {what} is not valid for this server"),
         ErrorRule(404, "task_not_found", "no task {task_id!r}; GET /tasks lists the known tasks", details=("task_id",)),

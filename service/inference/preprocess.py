@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from model.tensor_transform import TensorTransform, tensor_transform
-from service.errors import ApiError
+from service.errors import ApiError, api_error
 from service.ingest.images import decode_image, decode_image_tensor
 from service.ingest.limits import UploadLimits
 
@@ -65,12 +65,11 @@ class Preprocessor:
                     raise
                 problems.append({"index": index, "name": name, "reason": error.message})
         if problems:
-            raise ApiError(
-                422,
+            raise api_error(
                 "invalid_image",
-                f"{len(problems)} of {len(files)} images could not be decoded; send PNG, JPEG, WebP, GIF, BMP or TIFF "
-                "images",
-                {"images": problems},
+                message=f"{len(problems)} of {len(files)} images could not be decoded; send PNG, JPEG, WebP, GIF, BMP "
+                "or TIFF images",
+                details={"images": problems},
             )
         return torch.stack(tensors).to(self.device)
 

@@ -31,7 +31,7 @@ import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from service.errors import ApiError, error_body
+from service.errors import ApiError, api_error, error_body
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -62,22 +62,11 @@ class InflightBytes:
 
 
 def _busy(capacity: int) -> ApiError:
-    return ApiError(
-        429,
-        "uploads_busy",
-        f"the server already receives {capacity} bytes of request bodies, its limit; retry in {RETRY_AFTER_S} s",
-        {"limit_bytes": capacity},
-        headers={"Retry-After": str(RETRY_AFTER_S)},
-    )
+    return api_error("uploads_busy", limit_bytes=capacity, retry_after=RETRY_AFTER_S)
 
 
 def _timeout(reason: str) -> ApiError:
-    return ApiError(
-        408,
-        "request_timeout",
-        f"{reason}; send the request body without pauses",
-        headers={"Connection": "close"},
-    )
+    return api_error("request_timeout", reason=reason)
 
 
 def _declared_length(scope: Scope) -> int | None:

@@ -22,7 +22,7 @@ from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as decode_with_torchvision
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from service.errors import ApiError
+from service.errors import ApiError, api_error
 from service.ingest.limits import UploadLimits
 
 logger = logging.getLogger(__name__)
@@ -177,14 +177,10 @@ def _decode_tensor(name: str, data: bytes, limits: UploadLimits) -> Tensor:
 
 
 def _api_error(name: str, problem: _ImageProblem) -> ApiError:
-    status, code = (413, "too_large") if problem.too_large else (422, "invalid_image")
+    code = "too_large" if problem.too_large else "invalid_image"
     advice = "downscale it" if problem.too_large else f"send a complete {'/'.join(_available_formats())} file"
-    return ApiError(
-        status,
-        code,
-        f"image {name!r} {problem.reason}; {advice}",
-        {"images": [{"name": name, "reason": problem.reason}]},
-    )
+    message = f"image {name!r} {problem.reason}; {advice}"
+    return api_error(code, message=message, details={"images": [{"name": name, "reason": problem.reason}]})
 
 
 def _summary(problems: Sequence[dict[str, Any]]) -> str:
@@ -256,19 +252,17 @@ def validate_images(images: Sequence[tuple[str, bytes]], limits: UploadLimits) -
     if oversized:
         logger.info("rejecting upload: %d of %d images over the size limits", len(oversized), len(images))
         also = f" ({len(invalid)} other images are not decodable either, see details.invalid_images)" if invalid else ""
-        raise ApiError(
-            413,
+        raise api_error(
             "too_large",
-            f"{len(oversized)} image(s) are too large: {_summary(oversized)}{also}. "
+            message=f"{len(oversized)} image(s) are too large: {_summary(oversized)}{also}. "
             f"Each image may have at most {limits.max_image_pixels} pixels and {limits.max_image_bytes} bytes.",
-            {"images": oversized, "invalid_images": invalid},
+            details={"images": oversized, "invalid_images": invalid},
         )
     if invalid:
         logger.info("rejecting upload: %d of %d images not decodable", len(invalid), len(images))
-        raise ApiError(
-            422,
+        raise api_error(
             "invalid_image",
-            f"{len(invalid)} of {len(images)} image(s) cannot be used: {_summary(invalid)}. "
+            message=f"{len(invalid)} of {len(images)} image(s) cannot be used: {_summary(invalid)}. "
             f"Send complete, uncorrupted files in one of: {', '.join(_available_formats())}.",
-            {"images": invalid},
+            details={"images": invalid},
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import unicodedata
 
-from service.errors import ApiError
+from service.errors import ApiError, api_error
 from service.ingest.limits import UploadLimits, bad_request
 
 __all__ = ["MESSAGE_ITEMS", "check_labels", "check_name", "invalid_name", "is_noncharacter", "parse_labels"]
@@ -34,14 +34,8 @@ def _name_problem(name: str) -> str | None:
 
 
 def invalid_name(name: str, problem: str, what: str = "archive entry") -> ApiError:
-    """422 `invalid_name` for a client-supplied name, shown in ASCII."""
-    shown = ascii(name)  # pure ASCII whatever the name holds: rendering the error can never fail
-    return ApiError(
-        422,
-        "invalid_name",
-        f"{what} {shown} {problem}; name files and folders in UTF-8 without non-characters",
-        {"entries": [shown[1:-1]], "reason": problem},
-    )
+    """422 `invalid_name` for a client-supplied name (service/errors.py shows it in ASCII)."""
+    return api_error("invalid_name", name=name, problem=problem, what=what)
 
 
 def check_name(name: str, what: str = "archive entry") -> None:
@@ -82,9 +76,7 @@ def check_labels(labels: list[str], limits: UploadLimits) -> None:
     ]
     if problems:
         shown = "; ".join(f"{p['label']!r} {p['reason']}" for p in problems[:MESSAGE_ITEMS])
-        rule = f"labels are 1 to {limits.max_label_length} characters, without control characters, '/', '\\' or"
-        message = f"{len(problems)} invalid label(s): {shown}. Fix them: {rule} surrounding spaces, not '.' or '..'"
-        raise ApiError(422, "invalid_label", message, {"labels": problems})
+        raise api_error("invalid_label", labels=problems, shown=shown, max_length=limits.max_label_length)
 
 
 def parse_labels(values: list[str]) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from service.errors import ApiError
+from service.errors import ApiError, api_error
 from service.settings import MIB as MiB
 from service.settings import Settings
 
@@ -66,10 +66,10 @@ def upload_limits(settings: Settings) -> UploadLimits:
 
 
 def bad_request(message: str, details: dict[str, Any] | None = None) -> ApiError:
-    """400 `bad_request`: the body is malformed (not a matter of size)."""
-    return ApiError(400, "bad_request", message, details)
+    """`bad_request` (service/errors.py): the body is malformed (not a matter of size); `message` says how."""
+    return api_error("bad_request", message=message, details=details)
 
 
 def too_large(message: str, details: dict[str, Any] | None = None) -> ApiError:
-    """413 `too_large`: a limit of `UploadLimits` is passed."""
-    return ApiError(413, "too_large", message, details)
+    """`too_large` (service/errors.py): a limit of `UploadLimits` is passed; `message` says which."""
+    return api_error("too_large", message=message, details=details)

@@ -1,6 +1,6 @@
 """Reading and checking the request bodies of `POST /tasks` and `POST /predict` (docs/api.md).
 
-Every bad input becomes an `ApiError` with the api.md code and a message that says what to change; nothing here
+Every bad input raises `api_error` by its api.md code with a message that says what to change; nothing here
 answers 500 or reads past the limits. The parts, one job each: `body` streams the body with a running byte count
 (413 past `max_body_bytes`), `multipart` collects parts with per-part count and size limits as the bytes arrive,
 `archives` reads zip and tar uploads without extracting them, `labels` checks labels and names, `spool` keeps task
@@ -24,7 +24,7 @@ import anyio.to_thread
 from python_multipart.multipart import parse_options_header
 from starlette.requests import Request
 
-from service.errors import ApiError
+from service.errors import ApiError, api_error
 from service.ingest.archives import read_archive
 from service.ingest.body import read_body, spool_body
 from service.ingest.labels import MESSAGE_ITEMS, check_labels, is_noncharacter, parse_labels
@@ -96,15 +96,12 @@ def _finish_task(
     least = limits.min_images_per_class
     if short := [label for label, count in counts.items() if count < least]:
         shown = ", ".join(f"{label!r} has {counts[label]}" for label in short[:MESSAGE_ITEMS])
-        message = f"every class needs at least {least} images, {len(short)} have fewer: {shown}; add images"
-        details = {"min_images_per_class": least, "counts": dict(counts), "classes": short}
-        raise ApiError(422, "too_few_images", message, details)
+        raise api_error("too_few_images", min_images_per_class=least, counts=dict(counts), classes=short, shown=shown)
     return TaskUpload(images=images, labels=labels, classes=list(counts), name=name, spools=spools)
 
 
 def _unsupported(content_type: str, accepted: list[str]) -> ApiError:
-    message = f"Content-Type {content_type or '(none)'!r} is not accepted here; send one of: {', '.join(accepted)}"
-    return ApiError(415, "unsupported_media_type", message, {"content_type": content_type, "accepted": accepted})
+    return api_error("unsupported_media_type", content_type=content_type, accepted=accepted)
 
 
 async def _task_from_multipart(
