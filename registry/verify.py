@@ -101,6 +101,9 @@ def _load_manifest(backend: StorageBackend, version: int, current: int, report: 
             Problem(relpath, f"{pointer} but its manifest {relpath} is missing; restore it from backup")
         )
         return None
+    except RegistryError as exc:  # an object store's copy that fails its own checksum
+        report.problems.append(Problem(relpath, str(exc)))
+        return None
     try:
         manifest = parse_manifest(data, source=relpath)
     except RegistryError as exc:

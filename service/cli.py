@@ -7,9 +7,13 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.inference.allocator import tune_allocator
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from registry.verify import VerifyReport
 
 logger = logging.getLogger("care_serve")
 
@@ -44,11 +48,33 @@ def _registry_verify(args: argparse.Namespace) -> int:
     from registry import LocalDirectoryBackend
     from registry.verify import verify_registry
 
-    root = Path(args.registry) if args.registry else _settings(args).registry_dir
+    settings = _settings(args)
+    if not args.registry and settings.registry_url is not None:
+        return _verify_s3(settings)
+    root = Path(args.registry) if args.registry else settings.registry_dir
     if not root.is_dir():
         print(f"registry verify: {root} is not a directory; pass --data-dir or --registry")  # noqa: T201
         return 2
     report = verify_registry(LocalDirectoryBackend(root))
+    return _print_report(report, str(root))
+
+
+def _verify_s3(settings: Settings) -> int:
+    """Verify an S3 registry through a fresh, temporary cache: every object is downloaded and checked."""
+    import tempfile
+
+    from registry.s3 import S3Backend
+    from registry.verify import verify_registry
+
+    assert settings.registry_url is not None
+    with tempfile.TemporaryDirectory(prefix="care-verify-") as cache:
+        backend = S3Backend.from_url(
+            settings.registry_url, cache_dir=cache, endpoint_url=settings.registry_endpoint_url
+        )
+        return _print_report(verify_registry(backend), settings.registry_url)
+
+
+def _print_report(report: VerifyReport, root: str) -> int:
     for problem in report.problems:
         print(f"FAIL {problem.relpath}: {problem.message}")  # noqa: T201 - the report is the command's output
     for note in report.notes:

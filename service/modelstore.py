@@ -39,6 +39,7 @@ from model.head import AnalyticHead, HeadStatistics
 from model.trainer import LearnedTask, Lineage
 from registry import Manifest, Registry, TaskRecord, check_compatible, task_file_path, version_file_path
 from service.routers.source import ROLE_ROUTERS, CachedRouters, RouterCache
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,21 @@ def _provisional_state(provisional: ProvisionalHead) -> dict[str, Tensor]:
         f"{STATE_PROVISIONAL}.{key}": value.detach().cpu().contiguous()
         for key, value in provisional.statistics.to_tensors().items()
     }
+
+
+def open_registry(settings: Settings) -> Registry:
+    """The registry the settings name: S3-compatible storage when ``registry_url`` is set, else the local directory.
+
+    The S3 backend (and boto3, the ``s3`` extra) is imported only when it is used.
+    """
+    if settings.registry_url is None:
+        return Registry.from_path(settings.registry_dir)
+    from registry.s3 import S3Backend
+
+    backend = S3Backend.from_url(
+        settings.registry_url, cache_dir=settings.registry_cache_dir, endpoint_url=settings.registry_endpoint_url
+    )
+    return Registry(backend)
 
 
 @dataclass(frozen=True)

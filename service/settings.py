@@ -11,6 +11,7 @@ tests/unit/service/test_defaults.py fails if the two sides ever differ.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -37,6 +38,14 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
     data_dir: Path = Field(Path("./care-data"), description="Registry, job database and uploads live here.")
+    registry_url: str | None = Field(
+        None,
+        description="s3://bucket/prefix: the registry on S3-compatible object storage (the s3 extra), with a local "
+        "read-through cache in <data_dir>/registry-cache; empty = the directory <data_dir>/registry.",
+    )
+    registry_endpoint_url: str | None = Field(
+        None, description="URL of the S3 API for MinIO, Ceph RGW and others; empty = AWS (or AWS_ENDPOINT_URL_S3)."
+    )
 
     # Model (shape-defining: a registry is tied to these)
     backbone: str = Field(ModelConfig.backbone, description="timm model name.")
@@ -143,6 +152,21 @@ class Settings(BaseSettings):
     def _empty_means_off(cls, value: object) -> object:
         return None if value in ("", None) else value
 
+    @field_validator("registry_url", "registry_endpoint_url", mode="before")
+    @classmethod
+    def _empty_means_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("registry_url")
+    @classmethod
+    def _s3_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9._/-]*)?", value):
+            raise ValueError(
+                f"registry_url {value!r} is not s3://bucket/prefix (a bucket name, then an optional key prefix); "
+                "leave it empty for the local directory <data_dir>/registry"
+            )
+        return value
+
     @field_validator("image_size", "router_cache_bytes", mode="before")
     @classmethod
     def _empty_means_default(cls, value: object) -> object:
@@ -168,6 +192,11 @@ class Settings(BaseSettings):
     @property
     def registry_dir(self) -> Path:
         return self.data_dir / "registry"
+
+    @property
+    def registry_cache_dir(self) -> Path:
+        """Where a server keeps its copies of an S3 registry's files (registry_url set)."""
+        return self.data_dir / "registry-cache"
 
     @property
     def jobs_db(self) -> Path:

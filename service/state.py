@@ -21,7 +21,7 @@ from service.inference.snapshot import ServedVersion, ServingSlot, SnapshotLoade
 from service.ingest.limits import UploadLimits, upload_limits
 from service.jobs import JobStore
 from service.metrics import JobSnapshot, Metrics
-from service.modelstore import ModelStore
+from service.modelstore import ModelStore, open_registry
 from service.routers.source import RouterCache, new_router_cache
 from service.settings import Settings
 
@@ -80,7 +80,7 @@ def build_state(settings: Settings) -> AppState:
     started = time.perf_counter()
     config, backbone = load_backbone(settings)
     device = settings.torch_device()
-    registry = Registry.from_path(settings.registry_dir)
+    registry = open_registry(settings)
     jobs = JobStore(settings.jobs_db, settings.uploads_dir)
     holder: dict[str, Metrics] = {}
     cache = new_router_cache(

@@ -32,7 +32,7 @@ from model.backbone import make_transform
 from model.head import HeadStatistics
 from model.network import CareModel
 from model.trainer import LearnedTask, Lineage, TrainProgress, embed_images, learn_task, served_features
-from registry import Manifest, Registry
+from registry import Manifest
 from registry.owner import process_alive
 from service.housekeeping import open_job_store
 from service.inference.backbone import load_backbone
@@ -46,6 +46,7 @@ from service.modelstore import (
     NewTask,
     ProvisionalHead,
     ProvisionalTask,
+    open_registry,
     provisional_tasks,
 )
 from service.routers.source import CachedRouters, new_router_cache
@@ -73,7 +74,7 @@ class TrainingWorker:
         self.lease_lost = threading.Event()
         self.config, self.backbone = load_backbone(settings)
         self.device = settings.torch_device()
-        self.registry = Registry.from_path(settings.registry_dir)
+        self.registry = open_registry(settings)
         self.store = ModelStore(self.registry, self.config, self.backbone, self.device)
         self.jobs = open_job_store(settings)  # a start-up sweep; deletes uploads once ready unless CARE_KEEP_UPLOADS
         self.cache = new_router_cache(self.device, settings.router_cache_bytes, settings.router_host_cache_bytes)

@@ -67,6 +67,8 @@ PROSE_DEFAULTS: dict[str, tuple[str, Callable[[Settings], bool]]] = {
     "CARE_TRAIN_THREADS": ("the other cores", lambda s: s.train_threads == max(1, cpus() - s.serve_threads)),
     "CARE_ADMIN_TOKEN": ("empty (off)", lambda s: s.admin_token is None),
     "CARE_API_KEY": ("empty (off)", lambda s: s.api_key is None),
+    "CARE_REGISTRY_URL": ("empty (the directory `<data dir>/registry`)", lambda s: s.registry_url is None),
+    "CARE_REGISTRY_ENDPOINT_URL": ("empty (AWS)", lambda s: s.registry_endpoint_url is None),
 }
 
 

@@ -33,6 +33,8 @@ CHANGED: dict[str, object] = {
     "host": "0.0.0.0",
     "port": 9123,
     "data_dir": Path("/srv/care data"),
+    "registry_url": "s3://care-models/lineage-a",
+    "registry_endpoint_url": "http://127.0.0.1:9000",
     "backbone": "test_vit",
     "backbone_weights": "random",
     "sites": ["0", "1"],
