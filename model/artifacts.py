@@ -6,6 +6,7 @@ Key scheme (s = site index, 0-based; names after the prefix are the modules' own
                           sites.{s}.perceptron.{norm.weight,norm.bias,linear.weight,linear.bias}
     kind "task-routers"   sites.{s}.router.{weight,bias}           weight (t, d) for the t-th task (1-based)
     kind "shared"         sites.{s}.shared.{same names as expert}
+    kind "task-atoms"     sites.{s}.atoms.{keys,values}             (r, d) each: a MoRAM task's atoms (model/moram.py)
     kind "classifier"     classifier.weight                         (C, D), task blocks in task order
                           head.{scale,weight,bias,temperature}      the analytic head (model/head.py), if any
     kind "trainer-state"  stats.mean (C, D), stats.var (C, D) or stats.cov (C, D, D), stats.count (C,)  (cosine)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +31,7 @@ from model.adapter import TaskModules
 from model.bank import AdapterStack, ExpertBank, PerceptronStack, SiteBank
 from model.config import ModelConfig
 from model.head import AnalyticHead
+from model.moram import AtomStack
 from model.routers import TaskRouters
 
 FORMAT_VERSION = "1"
@@ -37,6 +40,7 @@ KIND_TASK_ROUTERS = "task-routers"
 KIND_SHARED = "shared"
 KIND_CLASSIFIER = "classifier"
 KIND_TRAINER_STATE = "trainer-state"
+KIND_TASK_ATOMS = "task-atoms"
 
 _ADAPTER_KEYS = ("norm.weight", "norm.bias", "down.weight", "down.bias", "up.weight", "up.bias", "scale")
 _PERCEPTRON_KEYS = ("norm.weight", "norm.bias", "linear.weight", "linear.bias")
@@ -77,10 +81,10 @@ def check_metadata(meta: Mapping[str, str], config: ModelConfig, kind: str, sour
     if meta.get("care.fingerprint") != config.fingerprint():
         try:
             theirs = ModelConfig.from_dict(json.loads(meta.get("care.model_config", "{}")))
+            # Every field, not `to_dict`: that leaves out what a CaRE configuration does not record (the method).
+            running = asdict(config)
             differences = ", ".join(
-                f"{k}={v!r} (running: {config.to_dict()[k]!r})"
-                for k, v in theirs.to_dict().items()
-                if config.to_dict()[k] != v
+                f"{k}={v!r} (running: {running[k]!r})" for k, v in asdict(theirs).items() if running[k] != v
             )
         except (ValueError, TypeError) as exc:
             differences = f"unreadable configuration ({exc})"
@@ -185,6 +189,33 @@ def task_stacks_from_tensors(
         expected.update(f"{prefix}.{k}" for k in _PERCEPTRON_KEYS)
     _check_no_extra(tensors, expected, source)
     return experts, perceptrons
+
+
+def task_atom_tensors(atoms: Sequence[AtomStack]) -> dict[str, Tensor]:
+    """A MoRAM task's atoms, one (keys, values) pair per site."""
+    tensors: dict[str, Tensor] = {}
+    for site, stack in enumerate(atoms):
+        tensors[f"sites.{site}.atoms.keys"] = stack.keys.detach().cpu().contiguous()
+        tensors[f"sites.{site}.atoms.values"] = stack.values.detach().cpu().contiguous()
+    return tensors
+
+
+def atoms_from_tensors(
+    tensors: Mapping[str, Tensor], config: ModelConfig, site_dims: Sequence[int], source: str
+) -> list[AtomStack]:
+    """Per-site atoms of one MoRAM task from a "task-atoms" tensor dict, shapes checked."""
+    rank = config.moram_rank
+    atoms = [
+        AtomStack(
+            _expect(tensors, f"sites.{site}.atoms.keys", (rank, dim), source),
+            _expect(tensors, f"sites.{site}.atoms.values", (rank, dim), source),
+        )
+        for site, dim in enumerate(site_dims)
+    ]
+    _check_no_extra(
+        tensors, {f"sites.{s}.atoms.{k}" for s in range(len(site_dims)) for k in ("keys", "values")}, source
+    )
+    return atoms
 
 
 def routers_from_tensors(

@@ -36,6 +36,21 @@ CovarianceMode = Literal["full", "diagonal"]
 # statistics accumulated over every task; model/head.py) or "cosine" (CaRE's cosine classifier with Gaussian-replay
 # alignment, the paper's method, kept as `care-reference`).
 HeadKind = Literal["analytic", "cosine"]
+# How tasks adapt the backbone at the sites: "care" (BR-MoE experts, routers and perceptrons; model/moe.py) or
+# "moram" (rank-one associative-memory atoms that score themselves, no router; model/moram.py). "seta" is reserved
+# (issue 15) and refused until it exists.
+MethodKind = Literal["care", "moram"]
+METHODS: tuple[str, ...] = ("care", "moram")
+RESERVED_METHODS: tuple[str, ...] = ("seta",)
+# Fields that only shape a MoRAM model. Under method "care" they must keep their defaults and are left out of
+# `to_dict` (with `method` itself), so a configuration written before the switch existed keeps its fingerprint.
+MORAM_FIELDS: tuple[str, ...] = (
+    "moram_rank",
+    "moram_top_k",
+    "moram_temperature",
+    "moram_threshold",
+    "moram_candidates",
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,14 @@ class ModelConfig:
         cosine_scale: tau, the scale of cosine logits in the losses and in served probabilities (CaRE: 20).
         image_size: Input resolution (square); None means the backbone's pretrained resolution.
         head: The served head: "analytic" (closed form, the default) or "cosine" (CaRE's, with alignment).
+        method: "care" (the default) or "moram" (model/moram.py); "seta" is reserved and refused.
+        moram_rank: MoRAM: rank-one atoms each task adds at every site (the code's r; X-TAIL: 16).
+        moram_top_k: MoRAM: atoms each token activates (the code uses max(top_k, 2)).
+        moram_temperature: MoRAM: tau of the softmax over the top-k scores (X-TAIL: 0.01).
+        moram_threshold: MoRAM: delta, the evaluation-only cut on normalised scores (0 disables it; code: 0.2).
+        moram_candidates: MoRAM: 0 is the published form (every token scores every atom, cost grows with tasks);
+            n > 0 bounds it: each sample preselects n atoms by its routing vector and its tokens score only those
+            (this is ours, not the paper's).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -67,10 +90,17 @@ class ModelConfig:
     cosine_scale: float = 20.0
     image_size: int | None = None
     head: HeadKind = "analytic"
+    method: MethodKind = "care"
+    moram_rank: int = 16
+    moram_top_k: int = 16
+    moram_temperature: float = 0.01
+    moram_threshold: float = 0.2
+    moram_candidates: int = 0
 
     def __post_init__(self) -> None:
         if self.head not in ("analytic", "cosine"):
             raise ValueError(f"ModelConfig.head must be 'analytic' or 'cosine', got {self.head!r}")
+        self._check_method()
         for name in ("expert_dim", "shared_dim", "top_routers", "top_experts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -79,15 +109,46 @@ class ModelConfig:
         if self.image_size is not None and self.image_size < 16:
             raise ValueError(f"ModelConfig.image_size must be >= 16 pixels, got {self.image_size}")
 
+    def _check_method(self) -> None:
+        if self.method in RESERVED_METHODS:
+            raise ValueError(
+                f"ModelConfig.method {self.method!r} is reserved but not implemented yet (issue 15); use one of "
+                f"{list(METHODS)}"
+            )
+        if self.method not in METHODS:
+            raise ValueError(f"ModelConfig.method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.method == "care":
+            changed = [name for name in MORAM_FIELDS if getattr(self, name) != _DEFAULTS[name]]
+            if changed:
+                raise ValueError(f"ModelConfig fields {changed} apply only with method='moram'")
+            return
+        for name in ("moram_rank", "moram_top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.moram_candidates < 0:
+            raise ValueError(f"ModelConfig.moram_candidates must be >= 0, got {self.moram_candidates}")
+        if not self.moram_temperature > 0 or self.moram_threshold < 0:
+            raise ValueError(
+                "ModelConfig needs moram_temperature > 0 and moram_threshold >= 0, got "
+                f"{self.moram_temperature}, {self.moram_threshold}"
+            )
+        if self.head != "analytic":
+            raise ValueError("method 'moram' serves the analytic head only (head='analytic')")
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tuples become lists)."""
+        """A JSON-ready dict (tuples become lists). Under method "care" the method and the MoRAM fields are left
+        out, so configurations recorded before the method switch existed keep their fingerprint."""
         data = asdict(self)
         data["sites"] = list(self.sites)
+        if self.method == "care":
+            for name in ("method", *MORAM_FIELDS):
+                del data[name]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of `to_dict`; unknown keys are an error so that a newer artifact is not misread."""
+        """Inverse of `to_dict`; unknown keys are an error so that a newer artifact is not misread. A dict without
+        `method` is a CaRE configuration (as every one recorded before the switch)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -101,6 +162,9 @@ class ModelConfig:
         """sha256 of the canonical JSON form; equal fingerprints mean interchangeable artifacts."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ModelConfig)}
 
 
 @dataclass(frozen=True)

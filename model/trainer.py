@@ -464,12 +464,31 @@ def _with_analytic_head(
     offset: int,
 ) -> LearnedTask:
     """`learned` with the analytic head over every class: the task's served inputs added to the statistics."""
-    if lineage.head is None:  # the first task fixes the block scales for the lineage
+    num_new = learned.classifier.shape[0] - offset
+    head, statistics = extend_analytic_head(
+        lineage.head, lineage.head_statistics, backbone, train, inputs, labels, num_new, offset
+    )
+    return dataclasses.replace(learned, head=head, head_statistics=statistics)
+
+
+def extend_analytic_head(
+    head: AnalyticHead | None,
+    statistics: HeadStatistics | None,
+    backbone: SiteBackbone,
+    train: TrainConfig,
+    inputs: Tensor,
+    labels: Tensor,
+    num_new: int,
+    offset: int,
+) -> tuple[AnalyticHead, HeadStatistics]:
+    """The analytic head over every class after a task of `num_new` classes (labels 0..n-1, placed from `offset`),
+    from the task's served, unscaled head inputs; `head` and `statistics` are the lineage's (None before the first
+    task, which fixes the block scales). Any method whose served head is the analytic one learns it here."""
+    if head is None:  # the first task fixes the block scales for the lineage
         scale, previous = block_scales(inputs, head_block_dims(backbone)).to(inputs.device), 1.0
     else:
-        scale, previous = lineage.head.scale, lineage.head.temperature
-    statistics = lineage.head_statistics or HeadStatistics.empty(inputs.shape[1])
+        scale, previous = head.scale, head.temperature
+    statistics = statistics or HeadStatistics.empty(inputs.shape[1])
     with torch.no_grad():
-        statistics = statistics.add(inputs * scale, labels, learned.classifier.shape[0] - offset)
-        head, statistics = solve_head(statistics, scale, (inputs, labels + offset), train.ridge_ratio, previous)
-    return dataclasses.replace(learned, head=head, head_statistics=statistics)
+        statistics = statistics.add(inputs * scale, labels, num_new)
+        return solve_head(statistics, scale, (inputs, labels + offset), train.ridge_ratio, previous)

@@ -20,7 +20,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.backbone import WEIGHTS_BUNDLED, WEIGHTS_HUB, bundled_weights_available
-from model.config import CovarianceMode, HeadKind, ModelConfig, TrainConfig
+from model.config import CovarianceMode, HeadKind, MethodKind, ModelConfig, TrainConfig
 
 MIB = 1 << 20
 
@@ -65,6 +65,20 @@ class Settings(BaseSettings):
     head: HeadKind = Field(
         ModelConfig.head,
         description="The served head: 'analytic' (closed-form LDA, the default) or 'cosine' (CaRE's, aligned).",
+    )
+    method: MethodKind = Field(
+        ModelConfig.method,
+        description="How tasks adapt the backbone: 'care' (BR-MoE, the default) or 'moram' (rank-one atoms; the model "
+        "implements it, the service does not serve it yet). 'seta' is reserved.",
+    )
+    moram_rank: int = Field(ModelConfig.moram_rank, ge=1, description="MoRAM: rank-one atoms per task and site.")
+    moram_top_k: int = Field(ModelConfig.moram_top_k, ge=1, description="MoRAM: atoms each token activates.")
+    moram_temperature: float = Field(ModelConfig.moram_temperature, gt=0, description="MoRAM: softmax temperature.")
+    moram_threshold: float = Field(ModelConfig.moram_threshold, ge=0, description="MoRAM: evaluation score threshold.")
+    moram_candidates: int = Field(
+        ModelConfig.moram_candidates,
+        ge=0,
+        description="MoRAM: 0 = every token scores every atom (published); n = atoms preselected per sample (bounded).",
     )
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where the model runs.")
 
@@ -226,6 +240,12 @@ class Settings(BaseSettings):
             top_experts=self.top_experts,
             image_size=self.image_size,
             head=self.head,
+            method=self.method,
+            moram_rank=self.moram_rank,
+            moram_top_k=self.moram_top_k,
+            moram_temperature=self.moram_temperature,
+            moram_threshold=self.moram_threshold,
+            moram_candidates=self.moram_candidates,
         )
 
     def training(self) -> TrainConfig:

@@ -44,6 +44,12 @@ CHANGED: dict[str, object] = {
     "top_routers": 3,
     "top_experts": 2,
     "head": "cosine",
+    "method": "moram",
+    "moram_rank": 8,
+    "moram_top_k": 4,
+    "moram_temperature": 0.05,
+    "moram_threshold": 0.5,
+    "moram_candidates": 64,
     "device": "cpu",
     "router_cache_bytes": None,  # unbounded: written as an empty variable
     "router_host_cache_bytes": 12345,
