@@ -25,6 +25,7 @@ pytest.importorskip("moto")
 from botocore.exceptions import ClientError
 
 from registry.s3 import S3Backend, parse_s3_url
+from registry.verify import verify_registry
 
 PREFIX = "care/registry"
 
@@ -269,3 +270,17 @@ def test_a_version_claimed_by_a_publisher_that_died_is_finished_by_the_next(
     backend = make_backend("sweeper")
     assert backend.sweep_staging(older_than_s=0.0)
     assert not [key for key in _keys(backend) if key.startswith(".")]
+
+
+def test_verify_registry_downloads_and_checks_every_object(make_backend: Callable[..., S3Backend]) -> None:
+    publisher = Registry(make_backend("publisher"))
+    v2 = publish_task(publisher, publish_task(publisher, None, "t1", seed=1), "t2", seed=2)
+    report = verify_registry(make_backend("verify-1"))
+    assert report.ok and (report.current, report.versions) == (2, 2)
+    assert report.files == len(v2.files) + 3  # version 2's files, version 1's classifier, two trainer states
+
+    classifier = v2.version_files["classifier"]
+    client, bucket = publisher.backend.client, publisher.backend.bucket
+    client.put_object(Bucket=bucket, Key=f"{PREFIX}/{classifier}", Body=b"not a safetensors file")
+    report = verify_registry(make_backend("verify-2"))
+    assert [problem.relpath for problem in report.problems] == [classifier]
