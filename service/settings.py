@@ -47,7 +47,7 @@ class Settings(BaseSettings):
         None, description="URL of the S3 API for MinIO, Ceph RGW and others; empty = AWS (or AWS_ENDPOINT_URL_S3)."
     )
 
-    # Model (shape-defining: a registry is tied to these)
+    # Model config (shape-defining: a registry is tied to these; `model()` builds the `ModelConfig`)
     backbone: str = Field(ModelConfig.backbone, description="timm model name.")
     backbone_weights: str = Field(
         "",
@@ -231,6 +231,7 @@ class Settings(BaseSettings):
         return torch.device(self.device)
 
     def model(self) -> ModelConfig:
+        """The model config these settings describe (sites and image size as given: empty = the backbone's)."""
         return ModelConfig(
             backbone=self.backbone,
             sites=tuple(self.sites),
@@ -249,6 +250,7 @@ class Settings(BaseSettings):
         )
 
     def training(self) -> TrainConfig:
+        """The train config these settings describe."""
         return TrainConfig(
             epochs=self.train_epochs,
             batch_size=self.train_batch_size,

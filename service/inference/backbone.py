@@ -10,7 +10,7 @@ from service.settings import Settings
 
 
 def resolved_model_config(settings: Settings, backbone: SiteBackbone) -> ModelConfig:
-    """The settings' model configuration with defaults made explicit (sites, image size).
+    """The settings' model config with defaults made explicit (sites, image size).
 
     A registry records the explicit form, so it keeps loading even if a later release changes a default.
     """
@@ -19,7 +19,7 @@ def resolved_model_config(settings: Settings, backbone: SiteBackbone) -> ModelCo
 
 
 def load_backbone(settings: Settings) -> tuple[ModelConfig, SiteBackbone]:
-    """Build the frozen backbone on the configured device; returns it with the resolved model configuration."""
+    """Build the frozen backbone on the configured device; returns it with the resolved model config."""
     if settings.method != "care":
         # model/moram.py learns and serves MoRAM tasks, but the worker, the model store and the served snapshot only
         # know CaRE's bank yet: refuse rather than train CaRE experts into a registry recorded as another method.
