@@ -4,9 +4,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages that tests and benchmarks read: real data, glyph fonts, and the static checkers of the
-# deployment files.
-APT_PACKAGES := dataset-fashion-mnist fonts-noto-core docker-compose prometheus
+# Debian packages that tests and benchmarks read: real data, glyph fonts, the static checkers of the deployment
+# files, and PostgreSQL (the job store's tests start a server on loopback, tests/postgres.py).
+APT_PACKAGES := dataset-fashion-mnist fonts-noto-core docker-compose prometheus postgresql
 # torch and torchvision first and pinned: on our machines pip takes exactly these from local disk. The virtualenv has
 # the `bench` extra too (matplotlib, scikit-learn, tqdm): the tests run every benchmark on tiny settings, and
 # `care-bench export` writes the README's demo data; the server itself does not need it.

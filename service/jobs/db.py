@@ -1,6 +1,8 @@
-"""The SQLite layer of service.jobs: schema and migrations, connection set-up, records, shared queries.
+"""Records and shared queries of service.jobs, and its SQLite backend (schema, migrations, connections).
 
-Every function takes an open connection; ``service.jobs.JobStore`` owns connections and transactions.
+Every query function takes an open connection (``database.Connection``) and is written in SQL that SQLite and
+PostgreSQL both accept; ``service.jobs.JobStore`` owns the transactions. ``SQLiteDatabase`` is the embedded
+backend; postgres.py is the other.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from registry.owner import pid_namespace
+from service.jobs.database import Connection, JobDatabase, LockName
 from service.jobs.errors import InvalidTransition, JobStoreError, LabelConflict, QueueFull, TaskNotFound
+from service.jobs.uploads import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +123,8 @@ class JobRecord:
     request_hash: str | None = None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> JobRecord:
-        """Build a record from a ``SELECT * FROM tasks`` row."""
+    def from_row(cls, row: Any) -> JobRecord:
+        """Build a record from a ``SELECT * FROM tasks`` row (indexable by column name)."""
         return cls(
             task_id=row["task_id"], seq=row["seq"], name=row["name"], status=row["status"],
             classes=json.loads(row["classes"]), num_images=row["num_images"], index=row["learned_index"],
@@ -207,7 +211,7 @@ def migrate(conn: sqlite3.Connection) -> None:
         logger.info("job database migrated to schema version %d", target + 1)
 
 
-def fetch_job(conn: sqlite3.Connection, task_id: str) -> JobRecord:
+def fetch_job(conn: Connection, task_id: str) -> JobRecord:
     """The job row of the task with this id; raises TaskNotFound."""
     row = conn.execute("SELECT * FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
     if row is None:
@@ -215,14 +219,14 @@ def fetch_job(conn: sqlite3.Connection, task_id: str) -> JobRecord:
     return JobRecord.from_row(row)
 
 
-def pending_count(conn: sqlite3.Connection, before_seq: int | None = None) -> int:
+def pending_count(conn: Connection, before_seq: int | None = None) -> int:
     """Tasks queued or training (only those submitted before ``before_seq`` when given)."""
     sql = "SELECT COUNT(*) FROM tasks WHERE status IN ('queued', 'training') AND seq < ?"
     n: int = conn.execute(sql, (before_seq if before_seq is not None else 2**63 - 1,)).fetchone()[0]
     return n
 
 
-def check_admission(conn: sqlite3.Connection, classes: Sequence[str], max_queued: int) -> int:
+def check_admission(conn: Connection, classes: Sequence[str], max_queued: int) -> int:
     """Raise LabelConflict or QueueFull if a task with ``classes`` may not be queued now; else return pending_count."""
     taken: set[str] = set()
     for i in range(0, len(classes), _SQL_CHUNK):
@@ -237,7 +241,7 @@ def check_admission(conn: sqlite3.Connection, classes: Sequence[str], max_queued
     return pending
 
 
-def _retry_after_s(conn: sqlite3.Connection) -> float:
+def _retry_after_s(conn: Connection) -> float:
     # A queue slot frees up when a task finishes: estimate by the mean duration of the last few trainings.
     rows = conn.execute(
         "SELECT started_at, finished_at FROM tasks WHERE status = 'ready' AND started_at IS NOT NULL "
@@ -248,15 +252,18 @@ def _retry_after_s(conn: sqlite3.Connection) -> float:
 
 
 def check_transition(
-    conn: sqlite3.Connection, task_id: str, action: str, allowed: tuple[str, ...], owner: str | None
+    conn: Connection, task_id: str, action: str, allowed: tuple[str, ...], owner: str | None, for_update: str = ""
 ) -> int:
     """Return the task's seq if ``action`` is allowed from its status (and, when training, by ``owner``).
+
+    ``for_update`` (``JobDatabase.for_update``) locks the row until the transaction ends, so the status checked is
+    the status changed.
 
     Raises:
         TaskNotFound: Unknown task.
         InvalidTransition: The status is not in ``allowed``, or another owner is training the task.
     """
-    row = conn.execute("SELECT seq, status, owner FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+    row = conn.execute("SELECT seq, status, owner FROM tasks WHERE task_id = ?" + for_update, (task_id,)).fetchone()
     if row is None:
         raise TaskNotFound(task_id)
     if row["status"] not in allowed:
@@ -268,16 +275,61 @@ def check_transition(
     return seq
 
 
-def set_failed(conn: sqlite3.Connection, seq: int, error: str, now_iso: str) -> None:
+def set_failed(conn: Connection, seq: int, error: str, now_iso: str) -> None:
     """Mark a task failed and free its labels."""
     conn.execute("UPDATE tasks SET status = 'failed', finished_at = ?, error = ? WHERE seq = ?", (now_iso, error, seq))
     conn.execute("UPDATE task_labels SET live = 0 WHERE task_seq = ?", (seq,))
 
 
-def new_task_id(conn: sqlite3.Connection, uploads_dir: Path) -> str:
+def new_task_id(conn: Connection, uploads_dir: Path) -> str:
     """A fresh random task id ("t-" + 12 lowercase hex) used by no row and no upload directory."""
     while True:  # 48 random bits: a collision is astronomically rare, but cheap to rule out
         task_id = f"t-{secrets.token_hex(6)}"
         taken = conn.execute("SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
         if taken is None and not (uploads_dir / task_id).exists():
             return task_id
+
+
+class SQLiteDatabase(JobDatabase):
+    """The embedded backend: one SQLite file in WAL mode on a local disk, shared by the processes of one host.
+
+    Every write transaction takes the database's one write lock (``BEGIN IMMEDIATE``), so writers are serialised
+    and ``lock`` has nothing to add. Readers never wait for writers (WAL).
+
+    Args:
+        db_path: The database file; created with its parent directories when missing.
+        busy_timeout_s: How long a statement waits for another process's write lock before failing.
+    """
+
+    kind = "sqlite"
+    for_update = ""
+    skip_locked = ""
+    error: ClassVar[type[Exception]] = sqlite3.Error
+    unique_violation: ClassVar[tuple[type[Exception], ...]] = (sqlite3.IntegrityError,)
+
+    def __init__(self, db_path: Path, busy_timeout_s: float) -> None:
+        super().__init__(str(db_path))
+        self.db_path = Path(db_path)
+        self.busy_timeout_s = busy_timeout_s
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with write_transaction(self._sqlite(), busy_timeout_s) as conn:  # concurrent openers serialize here
+                migrate(conn)
+            fsync_dir(self.db_path.parent)  # the database file's own directory entry
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        return connect(self.db_path, self.busy_timeout_s)
+
+    def _sqlite(self) -> sqlite3.Connection:
+        conn = self.connection()
+        assert isinstance(conn, sqlite3.Connection)
+        return conn
+
+    def write(self) -> contextlib.AbstractContextManager[Connection]:
+        return write_transaction(self._sqlite(), self.busy_timeout_s)
+
+    def lock(self, conn: Connection, name: LockName) -> None:
+        """Nothing to do: ``BEGIN IMMEDIATE`` already took the one write lock."""

@@ -1,17 +1,23 @@
-"""Durable job store behind POST /tasks and the training worker: SQLite (WAL) rows plus an uploads directory.
+"""Durable job store behind POST /tasks and the training worker: database rows plus an uploads directory.
+
+The rows live in SQLite in WAL mode (``db.SQLiteDatabase``, the embedded default) or in PostgreSQL
+(``postgres.PostgresDatabase``, when the database is a ``postgresql://`` URL); the logic here is written once
+against their common interface (``database.JobDatabase``) and what it says each must guarantee.
 
 The API server submits and reads; a worker *process* (kept single per lineage by a lease) claims tasks in
 submission order, reports progress and marks them ready or failed. Any process may be SIGKILLed at any moment.
 
 Why a 202 is safe (``submit``): the upload is first written to ``uploads_dir/.staging-<random>/`` with every file
-and directory fsynced. Then, inside one ``BEGIN IMMEDIATE`` transaction (the database write lock), the checks run
-again, the staging directory is renamed to ``uploads_dir/<task_id>/`` and its parent fsynced, and the row is
-inserted and committed; with ``synchronous=FULL`` the WAL is fsynced before COMMIT returns. So a row only ever
+and directory fsynced. Then, inside one write transaction, the checks run again, the staging directory is renamed to
+``uploads_dir/<task_id>/`` and its parent fsynced, and the row is inserted and committed; COMMIT returns once it is
+durable (SQLite: ``synchronous=FULL``; PostgreSQL: ``synchronous_commit=on``). Two submits racing for one label
+or one idempotency key are decided by the UNIQUE constraints (under SQLite's one write lock the re-check already
+does). So a row only ever
 exists for a complete, durable upload. A crash earlier leaves a staging directory or a ``t-*`` directory without a
 row: neither is a task, and ``sweep_staging`` removes both.
 
-Deployment limits: WAL uses shared memory, so all processes of one database must run on one host with a local
-filesystem (not NFS/SMB); workers on other hosts need a server database behind this same interface. Leases compare
+Deployment limits: SQLite's WAL uses shared memory, so all processes of one SQLite database must run on one host
+with a local filesystem (not NFS/SMB); processes on several hosts share a PostgreSQL database. Leases compare
 wall-clock times (``time.time()`` of whichever process writes), so hosts' clocks must agree to well under the TTL.
 
 Typical worker loop::
@@ -32,29 +38,26 @@ import logging
 import os
 import re
 import secrets
-import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from service.jobs.database import Connection, JobDatabase
 from service.jobs.db import (
     STATUSES,
     JobRecord,
+    SQLiteDatabase,
     SubmitResult,
     TaskStatus,
     check_admission,
     check_transition,
-    connect,
     fetch_job,
     iso,
     make_owner_id,
-    migrate,
     new_task_id,
     pending_count,
     set_failed,
-    write_transaction,
 )
 from service.jobs.errors import (
     IdempotencyKeyReused,
@@ -67,7 +70,6 @@ from service.jobs.errors import (
 )
 from service.jobs.uploads import (
     STAGING_PREFIX,
-    fsync_dir,
     publish_staged,
     read_upload,
     remove_tree,
@@ -89,6 +91,7 @@ __all__ = [
     "TaskStatus",
     "UploadCorrupt",
     "make_owner_id",
+    "open_database",
     "request_fingerprint",
 ]
 
@@ -110,16 +113,31 @@ def request_fingerprint(images: Sequence[tuple[str, bytes]], labels: Sequence[st
     return digest.hexdigest()
 
 
+def open_database(target: Path | str, busy_timeout_s: float) -> JobDatabase:
+    """The job database ``target`` names: a ``postgresql://`` URL (psycopg, the postgres extra) or a SQLite file."""
+    if isinstance(target, str) and target.startswith(("postgresql://", "postgres://")):
+        try:
+            from service.jobs.postgres import PostgresDatabase
+        except ImportError as e:
+            raise JobStoreError(
+                f"the job database is a PostgreSQL URL but its driver is missing ({e}); install it with "
+                "pip install 'care-serve[postgres]'"
+            ) from e
+        return PostgresDatabase(target, busy_timeout_s)
+    return SQLiteDatabase(Path(target), busy_timeout_s)
+
+
 class JobStore:
     """Durable task queue, task states, uploads and worker leases, shared by the server and worker processes.
 
-    Thread-safe: each thread gets its own SQLite connection. Writes run in short ``BEGIN IMMEDIATE`` transactions;
-    readers never wait for them (WAL).
+    Thread-safe: each thread gets its own database connection. Writes run in short transactions; SQLite's readers
+    never wait for them (WAL), nor do PostgreSQL's (MVCC).
 
     Args:
-        db_path: The SQLite database file; created with its parent directories when missing.
+        db: The job database: a SQLite file (created with its parent directories when missing) or a
+            ``postgresql://`` URL (``CARE_JOBS_URL``); either way the schema is created and migrated here.
         uploads_dir: Directory of the stored uploads; created when missing.
-        busy_timeout_s: How long a statement waits for another process's write lock before failing.
+        busy_timeout_s: How long a statement waits for another process's lock before failing.
         clock: Wall-clock time in seconds since the epoch, for timestamps and lease expiry (tests pass a fake).
         keep_uploads: Keep a task's upload once it is marked ready; when False (the service's default,
             ``CARE_KEEP_UPLOADS``) ``mark_ready`` deletes it, since nothing reads it again.
@@ -127,62 +145,35 @@ class JobStore:
 
     def __init__(
         self,
-        db_path: Path,
+        db: Path | str,
         uploads_dir: Path,
         *,
         busy_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.time,
         keep_uploads: bool = True,
     ) -> None:
-        self.db_path = Path(db_path)
         self.uploads_dir = Path(uploads_dir)
         self.keep_uploads = keep_uploads
-        self._busy_timeout_s = busy_timeout_s
         self._clock = clock
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._conns: dict[int, tuple[threading.Thread, sqlite3.Connection]] = {}
-        self._closed = False
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            with self._write() as conn:  # concurrent openers serialize on the write lock
-                migrate(conn)
-            fsync_dir(self.db_path.parent)  # the database file's own directory entry
-        except BaseException:
-            self.close()
-            raise
+        self._db = open_database(db, busy_timeout_s)
+
+    @property
+    def database(self) -> JobDatabase:
+        """The database backend holding the rows (``kind`` says which)."""
+        return self._db
 
     # -- connections and transactions ------------------------------------------------------------------------
 
-    def _conn(self) -> sqlite3.Connection:
-        if self._closed:
-            raise JobStoreError(f"the job store on {self.db_path} is closed; create a new JobStore")
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = connect(self.db_path, self._busy_timeout_s)
-            with self._lock:
-                # Close connections of threads that ended (their idents may be reused by new threads).
-                for ident, (thread, old) in list(self._conns.items()):
-                    if not thread.is_alive():
-                        old.close()
-                        del self._conns[ident]
-                self._conns[threading.get_ident()] = (threading.current_thread(), conn)
-            self._local.conn = conn
-        return conn
+    def _conn(self) -> Connection:
+        return self._db.connection()
 
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with write_transaction(self._conn(), self._busy_timeout_s) as conn:
-            yield conn
+    def _write(self) -> contextlib.AbstractContextManager[Connection]:
+        return self._db.write()
 
     def close(self) -> None:
         """Close every connection of this store; call it once no thread uses the store any more."""
-        with self._lock:
-            self._closed = True
-            for _, conn in self._conns.values():
-                conn.close()
-            self._conns.clear()
+        self._db.close()
 
     # -- submission -------------------------------------------------------------------------------------------
 
@@ -228,6 +219,7 @@ class JobStore:
         final: Path | None = None
         try:
             with self._write() as conn:
+                self._db.lock(conn, "uploads_shared")  # keeps sweep_staging out until this row is committed
                 winner = None if idempotency_key is None else self._by_key(conn, idempotency_key, fingerprint)
                 if winner is None:
                     pending = check_admission(conn, classes, max_queued)
@@ -237,18 +229,24 @@ class JobStore:
                     row = (task_id, name, json.dumps(classes), len(images), iso(self._clock()), idempotency_key)
                     seq = conn.execute(
                         "INSERT INTO tasks (task_id, name, status, classes, num_images, created_at, idempotency_key,"
-                        " request_hash) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+                        " request_hash) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?) RETURNING seq",
                         (*row, fingerprint),
-                    ).lastrowid
+                    ).fetchall()[0][0]
+                    # Sorted: two submits sharing labels then wait on the same first one instead of deadlocking.
                     conn.executemany(
-                        "INSERT INTO task_labels (task_seq, label, live) VALUES (?, ?, 1)", [(seq, c) for c in classes]
+                        "INSERT INTO task_labels (task_seq, label, live) VALUES (?, ?, 1)",
+                        [(seq, c) for c in sorted(classes)],
                     )
                     result = SubmitResult(fetch_job(conn, task_id), created=True, position=pending)
-        except BaseException:
+        except BaseException as exc:
             remove_tree(staging)  # a no-op once renamed
             if final is not None:
                 self._discard_unless_committed(final)
-            raise
+            if not isinstance(exc, self._db.unique_violation):
+                raise
+            # A concurrent submit committed this idempotency key or one of these labels first, and the constraint
+            # refused ours (PostgreSQL runs submits concurrently; SQLite's write lock lets the re-check decide).
+            return self._lost_race(exc, classes, idempotency_key, fingerprint)
         if winner is not None:  # a concurrent retry with the same key committed first
             remove_tree(staging)
             return winner
@@ -257,7 +255,19 @@ class JobStore:
         )
         return result
 
-    def _by_key(self, conn: sqlite3.Connection, key: str, fingerprint: str | None) -> SubmitResult | None:
+    def _lost_race(
+        self, exc: Exception, classes: Sequence[str], idempotency_key: str | None, fingerprint: str | None
+    ) -> SubmitResult:
+        conn = self._conn()
+        if idempotency_key is not None and (winner := self._by_key(conn, idempotency_key, fingerprint)):
+            logger.info("a concurrent retry with the same idempotency key created task %s", winner.record.task_id)
+            return winner
+        taken = self.known_labels() & set(classes)
+        if taken:
+            raise LabelConflict(taken) from exc
+        raise exc
+
+    def _by_key(self, conn: Connection, key: str, fingerprint: str | None) -> SubmitResult | None:
         row = conn.execute("SELECT * FROM tasks WHERE idempotency_key = ?", (key,)).fetchone()
         if row is None:
             return None
@@ -271,7 +281,7 @@ class JobStore:
         # The failure may have come from COMMIT itself; only remove the upload if no row refers to it.
         try:
             row = self._conn().execute("SELECT 1 FROM tasks WHERE task_id = ?", (final.name,)).fetchone()
-        except sqlite3.Error:
+        except self._db.error:
             logger.warning("cannot tell whether task %s was committed; keeping %s for sweep_staging", final.name, final)
             return
         if row is None:
@@ -362,6 +372,7 @@ class JobStore:
         # Under the write lock no submit is between its rename and its commit, so a directory without a row
         # can only come from a crash in that window.
         with self._write() as conn:
+            self._db.lock(conn, "uploads")
             for path in candidates:
                 if conn.execute("SELECT 1 FROM tasks WHERE task_id = ?", (path.name,)).fetchone() is None:
                     trash = self.uploads_dir / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
@@ -382,14 +393,19 @@ class JobStore:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         with self._write() as conn:
             now = self._clock()
-            row = conn.execute("SELECT owner, expires_at FROM leases WHERE name = ?", (name,)).fetchone()
+            sql = "SELECT owner, expires_at FROM leases WHERE name = ?" + self._db.for_update
+            row = conn.execute(sql, (name,)).fetchone()
             if row is not None and row["owner"] != owner and row["expires_at"] > now:
                 return False
-            conn.execute(
+            # Conditional: when two takers race for a lease that did not exist yet, only the first INSERT wins.
+            taken = conn.execute(
                 "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at",
-                (name, owner, now + ttl_s),
-            )
+                "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at "
+                "WHERE leases.owner = excluded.owner OR leases.expires_at <= ? RETURNING owner",
+                (name, owner, now + ttl_s, now),
+            ).fetchall()
+        if not taken:
+            return False
         if row is not None and row["owner"] != owner:
             logger.warning("lease %s taken over by %s from %s, whose lease had expired", name, owner, row["owner"])
         return True
@@ -431,16 +447,18 @@ class JobStore:
             The claimed task, or None if the queue is empty, a task is already training, or the lease is not held.
         """
         with self._write() as conn:
+            self._db.lock(conn, "claim")
             if conn.execute("SELECT 1 FROM tasks WHERE status = 'training' LIMIT 1").fetchone() is not None:
                 return None
-            if lease is not None:
+            if lease is not None:  # the lease row stays locked: nobody takes it over before this claim commits
                 held = conn.execute(
-                    "SELECT 1 FROM leases WHERE name = ? AND owner = ? AND expires_at > ?",
+                    "SELECT 1 FROM leases WHERE name = ? AND owner = ? AND expires_at > ?" + self._db.for_update,
                     (lease, owner, self._clock()),
                 ).fetchone()
                 if held is None:
                     return None
-            row = conn.execute("SELECT task_id FROM tasks WHERE status = 'queued' ORDER BY seq LIMIT 1").fetchone()
+            sql = "SELECT task_id FROM tasks WHERE status = 'queued' ORDER BY seq LIMIT 1" + self._db.skip_locked
+            row = conn.execute(sql).fetchone()
             if row is None:
                 return None
             conn.execute(
@@ -463,7 +481,11 @@ class JobStore:
         """
         requeued = []
         with self._write() as conn:
-            for row in conn.execute("SELECT seq, task_id, attempts FROM tasks WHERE status = 'training'").fetchall():
+            self._db.lock(conn, "claim")
+            sql = (
+                "SELECT seq, task_id, attempts FROM tasks WHERE status = 'training' ORDER BY seq" + self._db.for_update
+            )
+            for row in conn.execute(sql).fetchall():
                 if max_attempts is not None and row["attempts"] >= max_attempts:
                     error = f"the trainer stopped {row['attempts']} times while training this task; submit it again"
                     set_failed(conn, row["seq"], error, iso(self._clock()))
@@ -487,7 +509,7 @@ class JobStore:
         """
         data = json.dumps(progress)
         with self._write() as conn:
-            seq = check_transition(conn, task_id, "update the progress of", ("training",), owner)
+            seq = check_transition(conn, task_id, "update the progress of", ("training",), owner, self._db.for_update)
             conn.execute("UPDATE tasks SET progress = ? WHERE seq = ?", (data, seq))
 
     def mark_ready(
@@ -496,7 +518,7 @@ class JobStore:
         """Record that a training task was learned as position ``index`` of the lineage in ``model_version``."""
         data = json.dumps(metrics)
         with self._write() as conn:
-            seq = check_transition(conn, task_id, "mark_ready", ("training",), owner)
+            seq = check_transition(conn, task_id, "mark_ready", ("training",), owner, self._db.for_update)
             clash = conn.execute("SELECT task_id FROM tasks WHERE learned_index = ?", (index,)).fetchone()
             if clash is not None:
                 raise InvalidTransition(task_id, "mark_ready", f"index {index} already belongs to task {clash[0]}")
@@ -515,6 +537,6 @@ class JobStore:
     def mark_failed(self, task_id: str, error: str, *, owner: str | None = None) -> None:
         """Record that a queued or training task failed; its labels become free again."""
         with self._write() as conn:
-            seq = check_transition(conn, task_id, "mark_failed", ("queued", "training"), owner)
+            seq = check_transition(conn, task_id, "mark_failed", ("queued", "training"), owner, self._db.for_update)
             set_failed(conn, seq, error, iso(self._clock()))
         logger.warning("task %s failed: %s", task_id, error)

@@ -1,8 +1,10 @@
 """Tests for service.jobs: durable submission, idempotency, admission checks, claim order, crash recovery, leases.
 
-Every test uses real SQLite files and upload directories under tmp_path. Time-dependent behaviour (lease expiry,
-timestamps, Retry-After estimates) runs on a fake clock; concurrency tests meet at ``threading.Barrier``s and
-nothing sleeps to wait for a state change. One test SIGKILLs a child process in the middle of a loop of submits.
+The contract runs against both backends (the ``db`` fixture): a real SQLite file under tmp_path, and a fresh
+database on a real PostgreSQL server on loopback (tests/postgres.py; skipped where Debian's `postgresql` package is
+missing). Upload directories are real too. Time-dependent behaviour (lease expiry, timestamps, Retry-After
+estimates) runs on a fake clock; concurrency tests meet at ``threading.Barrier``s and nothing sleeps to wait for a
+state change. One test SIGKILLs a child process in the middle of a loop of submits.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from service.jobs import (
 )
 from service.jobs import uploads as jobs_uploads
 from service.jobs.db import DEFAULT_RETRY_AFTER_S, SCHEMA_VERSION
+from tests.postgres import PostgresServer
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 WAIT_S = 10.0  # upper bound for anything a test waits on; a healthy run needs milliseconds
@@ -64,13 +67,51 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def paths(tmp_path: Path) -> tuple[Path, Path]:
-    return tmp_path / "db" / "jobs.sqlite3", tmp_path / "uploads"
+Db = Path | str  # a SQLite file or a postgresql:// URL
+Paths = tuple[Db, Path]
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
-def open_store(paths: tuple[Path, Path], clock: FakeClock) -> Iterator[Callable[..., JobStore]]:
+def db(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Db]:
+    """The job database of one test: a SQLite file, or a fresh database on the session's PostgreSQL server."""
+    if backend == "sqlite":
+        yield tmp_path / "db" / "jobs.sqlite3"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    with server.database() as url:
+        yield url
+
+
+@pytest.fixture
+def paths(db: Db, tmp_path: Path) -> Paths:
+    return db, tmp_path / "uploads"
+
+
+def raw_sql(db: Db, *statements: str) -> list[Any]:
+    """Run statements on a connection of its own (another process's, in effect); the rows of the last one."""
+    rows: list[Any] = []
+    if isinstance(db, Path):
+        with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as sq:
+            for statement in statements:
+                rows = sq.execute(statement).fetchall()
+        return rows
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as pg:
+        for statement in statements:
+            cur = pg.execute(statement)
+            rows = cur.fetchall() if cur.description else []
+    return rows
+
+
+@pytest.fixture
+def open_store(paths: Paths, clock: FakeClock) -> Iterator[Callable[..., JobStore]]:
     """Factory of stores on the same files (each a separate set of connections, like another process)."""
     opened: list[JobStore] = []
 
@@ -117,7 +158,7 @@ def run_to(store: JobStore, task_id: str, status: str) -> None:
 # -- submission and reading ------------------------------------------------------------------------------------
 
 
-def test_submit_get_list_round_trip(store: JobStore, paths: tuple[Path, Path]) -> None:
+def test_submit_get_list_round_trip(store: JobStore, paths: Paths) -> None:
     labels = ["cat", "dog", "cat", "emu"]
     first = store.submit(images_for(labels), labels, name="pets", idempotency_key=None, max_queued=10)
     second = submit(store, ["owl"])
@@ -144,7 +185,7 @@ def test_submit_get_list_round_trip(store: JobStore, paths: tuple[Path, Path]) -
 
 
 def test_submission_is_durable_for_a_new_store_instance(
-    store: JobStore, open_store: Callable[..., JobStore], paths: tuple[Path, Path]
+    store: JobStore, open_store: Callable[..., JobStore], paths: Paths
 ) -> None:
     labels = ["a", "b", "a"]
     task_id = submit(store, labels).record.task_id
@@ -156,12 +197,15 @@ def test_submission_is_durable_for_a_new_store_instance(
     assert got_labels == labels
     manifest = json.loads((paths[1] / task_id / "upload.json").read_text())
     assert [e["name"] for e in manifest["images"]] == ["img0.png", "img1.png", "img2.png"]
-    with contextlib.closing(sqlite3.connect(paths[0], isolation_level=None)) as raw:
-        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    if isinstance(paths[0], Path):
+        assert raw_sql(paths[0], "PRAGMA journal_mode")[0][0] == "wal"
+        assert raw_sql(paths[0], "PRAGMA user_version")[0][0] == SCHEMA_VERSION
+    else:
+        assert raw_sql(paths[0], "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+        assert other.database.connection().execute("SHOW synchronous_commit").fetchone()[0] == "on"
 
 
-def test_idempotent_retry_returns_the_same_task_and_writes_nothing(store: JobStore, paths: tuple[Path, Path]) -> None:
+def test_idempotent_retry_returns_the_same_task_and_writes_nothing(store: JobStore, paths: Paths) -> None:
     first = submit(store, ["x", "y"], key="k1")
     before = upload_entries(paths[1])
     retry = submit(store, ["x", "y"], key="k1")
@@ -181,7 +225,7 @@ def test_idempotent_retry_returns_the_same_task_and_writes_nothing(store: JobSto
 
 
 def test_concurrent_idempotent_submits_create_one_task(
-    open_store: Callable[..., JobStore], paths: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    open_store: Callable[..., JobStore], paths: Paths, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Both submits must pass the early key lookup before either commits: hold each one after staging until the
     # other has staged too, so the re-check under the write lock is what decides.
@@ -232,7 +276,7 @@ def test_threads_share_one_store(store: JobStore) -> None:
     assert [r.seq for r in records] == sorted(r.seq for r in records)
 
 
-def test_concurrent_construction_on_a_fresh_database(paths: tuple[Path, Path]) -> None:
+def test_concurrent_construction_on_a_fresh_database(paths: Paths) -> None:
     barrier = threading.Barrier(4, timeout=WAIT_S)
     made: list[JobStore] = []
     errors: list[BaseException] = []
@@ -257,12 +301,12 @@ def test_concurrent_construction_on_a_fresh_database(paths: tuple[Path, Path]) -
             s.close()
 
 
-def test_newer_schema_is_refused(
-    store: JobStore, open_store: Callable[..., JobStore], paths: tuple[Path, Path]
-) -> None:
+def test_newer_schema_is_refused(store: JobStore, open_store: Callable[..., JobStore], paths: Paths) -> None:
     store.close()
-    with contextlib.closing(sqlite3.connect(paths[0], isolation_level=None)) as raw:
-        raw.execute("PRAGMA user_version = 99")
+    if isinstance(paths[0], Path):
+        raw_sql(paths[0], "PRAGMA user_version = 99")
+    else:
+        raw_sql(paths[0], "UPDATE schema_version SET version = 99")
     with pytest.raises(JobStoreError, match="schema version 99"):
         open_store()
 
@@ -273,17 +317,22 @@ def test_closed_store_refuses_calls(store: JobStore) -> None:
         store.list_tasks()
 
 
-def test_readers_do_not_wait_for_a_writer(open_store: Callable[..., JobStore], paths: tuple[Path, Path]) -> None:
+def test_readers_do_not_wait_for_a_writer(open_store: Callable[..., JobStore], paths: Paths) -> None:
     reader = open_store(busy_timeout_s=0.2)
     task_id = submit(reader, ["r"]).record.task_id
-    blocker = sqlite3.connect(paths[0], isolation_level=None)
-    try:
-        blocker.execute("BEGIN IMMEDIATE")  # another process in the middle of a write transaction
-        assert reader.get(task_id).status == "queued"  # WAL: reads go on
+    with contextlib.ExitStack() as stack:
+        # Another process in the middle of a long write transaction that holds what mark_failed needs.
+        if isinstance(paths[0], Path):
+            blocker = stack.enter_context(contextlib.closing(sqlite3.connect(paths[0], isolation_level=None)))
+            blocker.execute("BEGIN IMMEDIATE")
+        else:
+            import psycopg
+
+            pg = stack.enter_context(psycopg.connect(paths[0]))  # not autocommit: a transaction stays open
+            pg.execute("SELECT 1 FROM tasks WHERE task_id = %s FOR UPDATE", (task_id,))
+        assert reader.get(task_id).status == "queued"  # WAL / MVCC: reads go on
         with pytest.raises(JobStoreError, match="locked"):  # writes wait busy_timeout_s, then say so
             reader.mark_failed(task_id, "x")
-    finally:
-        blocker.close()
     reader.mark_failed(task_id, "x")
 
 
@@ -294,7 +343,7 @@ def test_readers_do_not_wait_for_a_writer(open_store: Callable[..., JobStore], p
     ("status", "conflicts"), [("queued", True), ("training", True), ("ready", True), ("failed", False)]
 )
 def test_labels_of_live_tasks_conflict_and_failed_ones_are_free(
-    store: JobStore, paths: tuple[Path, Path], status: str, conflicts: bool
+    store: JobStore, paths: Paths, status: str, conflicts: bool
 ) -> None:
     first = submit(store, ["a", "b"]).record.task_id
     run_to(store, first, status)
@@ -312,7 +361,7 @@ def test_labels_of_live_tasks_conflict_and_failed_ones_are_free(
         assert submit(store, ["a", "b"]).record.classes == ["a", "b"]
 
 
-def test_queue_bound_and_retry_after_estimate(store: JobStore, clock: FakeClock, paths: tuple[Path, Path]) -> None:
+def test_queue_bound_and_retry_after_estimate(store: JobStore, clock: FakeClock, paths: Paths) -> None:
     ids = [submit(store, [label], max_queued=2).record.task_id for label in ("a", "b")]
     with pytest.raises(QueueFull) as info:
         submit(store, ["c"], max_queued=2)
@@ -333,7 +382,7 @@ def test_queue_bound_and_retry_after_estimate(store: JobStore, clock: FakeClock,
 
 
 def test_failed_submit_leaves_no_files_and_no_row(
-    store: JobStore, paths: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    store: JobStore, paths: Paths, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def broken_publish(staging: Path, final: Path) -> None:
         raise OSError("disk on fire")
@@ -485,7 +534,7 @@ def test_leases_single_holder_expiry_and_renewal(store: JobStore, clock: FakeClo
 # -- upload files ----------------------------------------------------------------------------------------------
 
 
-def test_corrupt_or_missing_upload_files_are_detected(store: JobStore, paths: tuple[Path, Path]) -> None:
+def test_corrupt_or_missing_upload_files_are_detected(store: JobStore, paths: Paths) -> None:
     task_id = submit(store, ["a", "b", "c"]).record.task_id
     image = paths[1] / task_id / "images" / "000001.bin"
     data = bytearray(image.read_bytes())
@@ -503,7 +552,7 @@ def test_corrupt_or_missing_upload_files_are_detected(store: JobStore, paths: tu
         store.load_upload(task_id)
 
 
-def test_delete_upload_and_sweep(store: JobStore, paths: tuple[Path, Path]) -> None:
+def test_delete_upload_and_sweep(store: JobStore, paths: Paths) -> None:
     uploads = paths[1]
     task_id = submit(store, ["a"]).record.task_id
     run_to(store, task_id, "ready")
@@ -532,7 +581,7 @@ import os, signal, sys
 from pathlib import Path
 from service.jobs import JobStore
 
-store = JobStore(Path(sys.argv[1]), Path(sys.argv[2]))
+store = JobStore(sys.argv[1], Path(sys.argv[2]))
 kill_at, armed, fsyncs = int(sys.argv[3]), False, 0
 real_fsync = os.fsync
 
@@ -564,7 +613,7 @@ CRASH_POINTS = {
 
 
 @pytest.mark.parametrize("kill_at", list(CRASH_POINTS), ids=list(CRASH_POINTS.values()))
-def test_sigkill_during_submits_loses_no_acknowledged_task(paths: tuple[Path, Path], kill_at: int) -> None:
+def test_sigkill_during_submits_loses_no_acknowledged_task(paths: Paths, kill_at: int) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     cmd = [sys.executable, "-c", _CHILD, str(paths[0]), str(paths[1]), str(kill_at)]
     child = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -612,17 +661,20 @@ def test_sigkill_during_submits_loses_no_acknowledged_task(paths: tuple[Path, Pa
         store.close()
 
 
-def test_a_version_1_database_is_migrated_and_its_keys_still_answer(paths: tuple[Path, Path]) -> None:
+def test_a_version_1_database_is_migrated_and_its_keys_still_answer(paths: Paths) -> None:
     db, uploads = paths
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as raw:
-        for statement in jobs_db._MIGRATIONS[0]:
-            raw.execute(statement)
-        raw.execute("PRAGMA user_version = 1")
-        raw.execute(
-            "INSERT INTO tasks (task_id, name, status, classes, num_images, created_at, idempotency_key)"
-            " VALUES ('t-0123456789ab', NULL, 'queued', '[\"old\"]', 2, '2026-01-01T00:00:00.000Z', 'legacy')"
-        )
+    legacy = (
+        "INSERT INTO tasks (task_id, name, status, classes, num_images, created_at, idempotency_key)"
+        " VALUES ('t-0123456789ab', NULL, 'queued', '[\"old\"]', 2, '2026-01-01T00:00:00.000Z', 'legacy')"
+    )
+    if isinstance(db, Path):
+        db.parent.mkdir(parents=True, exist_ok=True)
+        raw_sql(db, *jobs_db._MIGRATIONS[0], "PRAGMA user_version = 1", legacy)
+    else:
+        from service.jobs import postgres as jobs_pg
+
+        version = "CREATE TABLE schema_version (one BOOLEAN PRIMARY KEY DEFAULT TRUE, version INTEGER NOT NULL)"
+        raw_sql(db, *jobs_pg._MIGRATIONS[0], version, "INSERT INTO schema_version (version) VALUES (1)", legacy)
     store = JobStore(db, uploads)
     try:
         old = store.get("t-0123456789ab")
@@ -631,5 +683,5 @@ def test_a_version_1_database_is_migrated_and_its_keys_still_answer(paths: tuple
         assert submit(store, ["new"], key="legacy").record.task_id == old.task_id
     finally:
         store.close()
-    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    query = "PRAGMA user_version" if isinstance(db, Path) else "SELECT version FROM schema_version"
+    assert raw_sql(db, query)[0][0] == SCHEMA_VERSION == 2
