@@ -14,6 +14,7 @@ from PIL import Image
 
 from model import artifacts
 from model.backbone import SiteBackbone, build_backbone, make_transform
+from model.classifier import cosine_logits
 from model.config import ModelConfig, TrainConfig
 from model.moram import (
     AtomBank,
@@ -236,7 +237,19 @@ def test_two_tasks_of_digits_are_both_learned() -> None:
         labels = torch.tensor([classes.index(int(t)) for t in targets[rows]])
         learned = learn_moram_task(backbone, config, train, lineage, images[rows], labels, len(classes))
         assert learned.metrics["final_loss"] < learned.metrics["first_loss"], learned.metrics
+        # The atoms carry part of it: the task's CE on its images is lower with them than with their values zeroed.
+        offset = len(lineage.classifier)
         lineage = advance_moram(lineage, learned, config.moram_rank)
+        assert lineage.bank is not None
+        zeroed = [AtomStack(s.atoms.keys, torch.zeros_like(s.atoms.values)) for s in lineage.bank.sites]
+        losses = []
+        for bank in (lineage.bank, AtomBank(zeroed, config.moram_rank)):
+            features = MoramModel(config, backbone, bank, lineage.classifier).head_inputs_from_embedding(
+                backbone.embed(images[rows])
+            )
+            logits = config.cosine_scale * cosine_logits(features, lineage.classifier)
+            losses.append(float(torch.nn.functional.cross_entropy(logits, labels + offset)))
+        assert losses[0] < losses[1], f"task {classes}: CE {losses[0]:.3f} with its atoms, {losses[1]:.3f} without"
     assert lineage.bank is not None
     model = MoramModel(config, backbone, lineage.bank, lineage.classifier, lineage.head)
     seen = [c for classes in tasks for c in classes]
