@@ -531,6 +531,139 @@ def test_leases_single_holder_expiry_and_renewal(store: JobStore, clock: FakeClo
         store.acquire_lease("L", "a", ttl_s=0)
 
 
+# -- races between processes (each store has connections of its own, like another process) ---------------------
+
+
+def race(n: int, action: Callable[[int], Any]) -> list[Any]:
+    """Run ``action(i)`` for i < n on n threads released together; their results (or exceptions) by i."""
+    barrier = threading.Barrier(n, timeout=WAIT_S)
+    results: list[Any] = [None] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = action(i)
+        except BaseException as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT_S)
+    assert not any(t.is_alive() for t in threads)
+    return results
+
+
+def test_concurrent_submits_of_one_label_one_wins(
+    backend: str, open_store: Callable[..., JobStore], paths: Paths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both submits pass every check before either writes a row. Under PostgreSQL they meet inside their
+    # transactions, after the label check (new_task_id comes next), so only the unique index can decide; under
+    # SQLite they meet after staging, and the re-check under the write lock decides.
+    barrier = threading.Barrier(2, timeout=WAIT_S)
+    lost = []
+    if backend == "postgresql":
+        real_new_id = jobs.new_task_id
+
+        def meet_then_new_id(*args: Any) -> str:
+            barrier.wait()
+            return real_new_id(*args)
+
+        monkeypatch.setattr(jobs, "new_task_id", meet_then_new_id)
+        real_lost = JobStore._lost_race
+
+        def spy(self: JobStore, *args: Any) -> SubmitResult:
+            lost.append(args[0])
+            return real_lost(self, *args)
+
+        monkeypatch.setattr(JobStore, "_lost_race", spy)
+    else:
+        real_stage = jobs_uploads.stage_upload
+
+        def stage_then_meet(*args: Any) -> Path:
+            staged = real_stage(*args)
+            barrier.wait()
+            return staged
+
+        monkeypatch.setattr(jobs, "stage_upload", stage_then_meet)
+    stores = [open_store(), open_store()]
+    requests = [["b", "a", "c"], ["a", "b", "d"]]  # labels in another order: neither deadlocks
+    results = race(2, lambda i: submit(stores[i], requests[i]))
+
+    winners = [r for r in results if isinstance(r, SubmitResult)]
+    losers = [r for r in results if isinstance(r, LabelConflict)]
+    assert len(winners) == 1 and len(losers) == 1, results
+    assert losers[0].labels == ["a", "b"]
+    assert [r.task_id for r in stores[0].list_tasks()] == [winners[0].record.task_id]
+    assert upload_entries(paths[1]) == {winners[0].record.task_id}  # the loser's upload is gone
+    if backend == "postgresql":
+        assert len(lost) == 1 and type(lost[0]).__name__ == "UniqueViolation"  # the constraint decided
+
+
+@pytest.mark.parametrize("expired", [False, True], ids=["fresh lease", "expired lease"])
+def test_workers_racing_for_one_lease_exactly_one_holds_it(
+    open_store: Callable[..., JobStore], clock: FakeClock, expired: bool
+) -> None:
+    stores = [open_store(), open_store()]
+    for round_ in range(8):
+        name = f"lineage-{round_}"
+        if expired:  # a dead holder's lease, expired: both try to take it over
+            assert stores[0].acquire_lease(name, "dead", ttl_s=5)
+            clock.advance(6)
+        got = race(2, lambda i, name=name: stores[i].acquire_lease(name, f"w{i}", ttl_s=30))
+        assert sorted(got) == [False, True], got
+        winner = f"w{got.index(True)}"
+        assert stores[0].lease_holder(name) == stores[1].lease_holder(name) == winner
+        assert not stores[1 - got.index(True)].renew_lease(name, f"w{1 - got.index(True)}", ttl_s=30)
+
+
+def test_concurrent_claims_take_one_task(open_store: Callable[..., JobStore]) -> None:
+    stores = [open_store(), open_store(), open_store()]
+    ids = [submit(stores[0], [label]).record.task_id for label in ("a", "b")]
+    claimed = race(3, lambda i: stores[i].claim_next(f"w{i}"))
+    got = [c for c in claimed if c is not None]
+    assert len(got) == 1 and got[0].task_id == ids[0], claimed  # one at a time, the oldest first
+    assert stores[0].counts_by_status() == {"queued": 1, "training": 1, "ready": 0, "failed": 0}
+
+
+def test_lease_expiry_lets_another_worker_take_over_the_task(
+    open_store: Callable[..., JobStore], clock: FakeClock
+) -> None:
+    a, b = open_store(), open_store()
+    task_id = submit(a, ["a"]).record.task_id
+    assert a.acquire_lease("lineage", "wa", ttl_s=10)
+    assert not b.acquire_lease("lineage", "wb", ttl_s=10)
+    assert a.claim_next("wa", lease="lineage") is not None
+    clock.advance(11)  # wa stops renewing (hung, or on a host that lost its network)
+
+    assert b.acquire_lease("lineage", "wb", ttl_s=10)
+    assert b.recover_interrupted() == [task_id]
+    again = b.claim_next("wb", lease="lineage")
+    assert again is not None and (again.task_id, again.owner, again.attempts) == (task_id, "wb", 2)
+    assert not a.renew_lease("lineage", "wa", ttl_s=10)  # wa finds out it lost the lineage...
+    with pytest.raises(InvalidTransition, match="wb"):  # ...and cannot overwrite what wb does
+        a.mark_ready(task_id, index=0, model_version=1, metrics={}, owner="wa")
+    assert a.claim_next("wa", lease="lineage") is None
+    b.mark_ready(task_id, index=0, model_version=1, metrics={}, owner="wb")
+    assert a.get(task_id).status == "ready"
+
+
+def test_queue_order_is_submission_order_under_concurrent_submits(open_store: Callable[..., JobStore]) -> None:
+    stores = [open_store() for _ in range(4)]
+    race(4, lambda i: [submit(stores[i], [f"s{i}-{k}"]) for k in range(4)])
+    listed = stores[0].list_tasks()
+    assert len(listed) == 16 and [r.seq for r in listed] == sorted({r.seq for r in listed})
+    claimed = []
+    for n in range(16):
+        job = stores[n % 4].claim_next("w")
+        assert job is not None
+        claimed.append(job.task_id)
+        stores[n % 4].mark_ready(job.task_id, index=n, model_version=n + 1, metrics={})
+    assert claimed == [r.task_id for r in listed]
+    assert stores[0].claim_next("w") is None
+
+
 # -- upload files ----------------------------------------------------------------------------------------------
 
 
