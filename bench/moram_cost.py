@@ -6,6 +6,9 @@ the published form (every token scores every atom) and the bounded one (each ima
 atoms on its CLS token), next to one timm ViT block of the same width (what a site costs the backbone). Medians of
 interleaved repeats; CPU threads as torch has them.
 
+`python -m bench.moram_cost --model vit_base_patch16_224 --batch 2` times the whole forward pass instead (random
+weights): the backbone alone, CaRE's fast path (random tasks, routers resident) and MoRAM faithful and bounded.
+
 `python -m bench.moram_cost --accuracy` instead trains five 2-class tasks of scikit-learn's digits (all ten digits)
 with MoRAM on the bundled EfficientNet-Lite0 and reports the accuracy over every class, without a task id, of the
 faithful form and of bounded forms of the same lineage (the head solved from faithful features, so the bounded rows
@@ -129,6 +132,46 @@ def bound_accuracy(candidates: list[int], rank: int = 8) -> list[dict[str, float
     return results
 
 
+def model_cost(
+    backbone_name: str, tasks: list[int], batch: int, image_size: int, candidates: int, repeats: int
+) -> list[dict[str, float]]:
+    """Milliseconds per batch of the whole forward pass: backbone alone, CaRE's fast path, MoRAM faithful and
+    bounded (random weights, r = k = 16, every block a site on a ViT), medians of interleaved repeats."""
+    from bench.model_bench import random_model
+    from model.backbone import build_backbone
+    from model.moram import AtomBank, MoramModel
+
+    care_config = ModelConfig(backbone=backbone_name, image_size=image_size)
+    backbone = build_backbone(care_config, "random")
+    moram_config = dataclasses.replace(care_config, method="moram")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, image_size, image_size, generator=generator)
+    rows: list[dict[str, float]] = []
+    for count in tasks:
+        care, routers = random_model(care_config, backbone, count)
+        sites = [
+            AtomStack(torch.randn(16 * count, d, generator=generator) / d**0.5, torch.randn(16 * count, d) * 0.01)
+            for d in backbone.site_dims
+        ]
+        bank = AtomBank(sites, 16)
+        bank.prepare_fast_path()
+        classifier = torch.randn(3 * count, backbone.feature_dim, generator=generator)
+        moram = MoramModel(moram_config, backbone, bank, classifier)
+        bounded = MoramModel(dataclasses.replace(moram_config, moram_candidates=candidates), backbone, bank, classifier)
+        ms = _median_ms(
+            {
+                "backbone_ms": functools.partial(backbone.forward_plain, images),
+                "care_fast_ms": functools.partial(care.forward_features, images, routers, "fast"),
+                "moram_faithful_ms": functools.partial(moram.logits, images),
+                "moram_bounded_ms": functools.partial(bounded.logits, images),
+            },
+            repeats,
+        )
+        rows.append({"tasks": count, "batch": batch, "candidates": candidates, **ms})
+        _emit({"backbone": backbone_name, **rows[-1]})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[10, 100, 300])
@@ -138,8 +181,12 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--accuracy", action="store_true", help="measure what the bound costs in accuracy instead")
+    parser.add_argument("--model", default="", help="time the whole forward pass of this timm backbone instead")
+    parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args()
-    if args.accuracy:
+    if args.model:
+        model_cost(args.model, args.tasks, args.batch, args.image_size, args.candidates, args.repeats)
+    elif args.accuracy:
         bound_accuracy([4, 8, 16, 24])
     else:
         site_cost(args.tasks, args.dim, args.tokens, args.batch, args.candidates, args.repeats)
