@@ -65,7 +65,8 @@ def data_dir_usage(settings: Settings) -> dict[str, int]:
     """Bytes on disk under the data directory by kind.
 
     ``registry``: published registry files; ``uploads``: stored task uploads; ``staging``: upload staging
-    directories and registry temp files (in flight or crash leftovers); ``jobs_db``: the job database with its WAL.
+    directories and registry temp files (in flight or crash leftovers); ``jobs_db``: the SQLite job database with its
+    WAL (0 when the job store is on PostgreSQL, ``CARE_JOBS_URL``).
     """
     usage = dict.fromkeys(USAGE_KINDS, 0)
     registry = LocalDirectoryBackend(settings.registry_dir) if settings.registry_dir.is_dir() else None
@@ -114,7 +115,7 @@ def sweep(settings: Settings, jobs: JobStore) -> SweepResult:
 
 def open_job_store(settings: Settings) -> JobStore:
     """The job store of a worker: it deletes uploads of tasks it marks ready (unless kept), after a start-up sweep."""
-    jobs = JobStore(settings.jobs_db, settings.uploads_dir, keep_uploads=settings.keep_uploads)
+    jobs = JobStore(settings.jobs_database, settings.uploads_dir, keep_uploads=settings.keep_uploads)
     result = sweep(settings, jobs)
     logger.info("start-up sweep: %s", result)
     return jobs

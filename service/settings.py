@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     registry_endpoint_url: str | None = Field(
         None, description="URL of the S3 API for MinIO, Ceph RGW and others; empty = AWS (or AWS_ENDPOINT_URL_S3)."
     )
+    jobs_url: str | None = Field(
+        None,
+        description="postgresql://user@host:port/dbname: the job store on PostgreSQL (the postgres extra), for "
+        "servers and workers on several hosts; empty = the SQLite file <data_dir>/jobs.sqlite3.",
+    )
 
     # Model config (shape-defining: a registry is tied to these; `model()` builds the `ModelConfig`)
     backbone: str = Field(ModelConfig.backbone, description="timm model name.")
@@ -166,7 +171,7 @@ class Settings(BaseSettings):
     def _empty_means_off(cls, value: object) -> object:
         return None if value in ("", None) else value
 
-    @field_validator("registry_url", "registry_endpoint_url", mode="before")
+    @field_validator("registry_url", "registry_endpoint_url", "jobs_url", mode="before")
     @classmethod
     def _empty_means_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -178,6 +183,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"registry_url {value!r} is not s3://bucket/prefix (a bucket name, then an optional key prefix); "
                 "leave it empty for the local directory <data_dir>/registry"
+            )
+        return value
+
+    @field_validator("jobs_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                "jobs_url must be a postgresql:// URL (postgresql://user@host:port/dbname); leave it empty for the "
+                "SQLite file <data_dir>/jobs.sqlite3"
             )
         return value
 
@@ -215,6 +230,11 @@ class Settings(BaseSettings):
     @property
     def jobs_db(self) -> Path:
         return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def jobs_database(self) -> Path | str:
+        """The job database JobStore opens: the PostgreSQL URL when set, else the SQLite file."""
+        return self.jobs_url if self.jobs_url is not None else self.jobs_db
 
     @property
     def uploads_dir(self) -> Path:

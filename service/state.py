@@ -81,7 +81,7 @@ def build_state(settings: Settings) -> AppState:
     config, backbone = load_backbone(settings)
     device = settings.torch_device()
     registry = open_registry(settings)
-    jobs = JobStore(settings.jobs_db, settings.uploads_dir)
+    jobs = JobStore(settings.jobs_database, settings.uploads_dir)
     holder: dict[str, Metrics] = {}
     cache = new_router_cache(
         device,

@@ -69,6 +69,10 @@ PROSE_DEFAULTS: dict[str, tuple[str, Callable[[Settings], bool]]] = {
     "CARE_API_KEY": ("empty (off)", lambda s: s.api_key is None),
     "CARE_REGISTRY_URL": ("empty (the directory `<data dir>/registry`)", lambda s: s.registry_url is None),
     "CARE_REGISTRY_ENDPOINT_URL": ("empty (AWS)", lambda s: s.registry_endpoint_url is None),
+    "CARE_JOBS_URL": (
+        "empty (the SQLite file `<data dir>/jobs.sqlite3`)",
+        lambda s: s.jobs_url is None and s.jobs_database == s.data_dir / "jobs.sqlite3",
+    ),
 }
 
 

@@ -35,6 +35,7 @@ CHANGED: dict[str, object] = {
     "data_dir": Path("/srv/care data"),
     "registry_url": "s3://care-models/lineage-a",
     "registry_endpoint_url": "http://127.0.0.1:9000",
+    "jobs_url": "postgresql://care@db.internal:5432/care",
     "backbone": "test_vit",
     "backbone_weights": "random",
     "sites": ["0", "1"],
