@@ -7,7 +7,8 @@ analytic head (model/head.py) when the version has one, else CaRE's cosine class
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -40,6 +41,14 @@ def run_sites(
             moe = _recording(moe, site_vectors)
         hidden = backbone.forward_site(hidden, site, moe)
     return backbone.forward_head(hidden)
+
+
+@contextlib.contextmanager
+def _float32(inputs: Tensor) -> Iterator[Tensor]:
+    """The head in float32 even under a caller's bf16 autocast (the GPU path): its LDA weights span a range that
+    bfloat16's 8-bit mantissa would round into different rankings."""
+    with torch.autocast(inputs.device.type, enabled=False):
+        yield inputs.float()
 
 
 def _recording(moe: SiteFn, vectors: list[Tensor]) -> SiteFn:
@@ -154,15 +163,17 @@ class CareModel:
 
     def scores(self, inputs: Tensor) -> Tensor:
         """The served head's scores (B, C) of its inputs: LDA scores, or cosines without an analytic head."""
-        if self.head is not None:
-            return self.head.scores(inputs)
-        return cosine_logits(inputs, self.classifier)
+        with _float32(inputs) as inputs32:
+            if self.head is not None:
+                return self.head.scores(inputs32)
+            return cosine_logits(inputs32, self.classifier)
 
     def probabilities(self, inputs: Tensor) -> Tensor:
         """The served head's probabilities (B, C) of its inputs; each row sums to 1 over every class."""
-        if self.head is not None:
-            return self.head.probabilities(inputs)
-        return class_probabilities(cosine_logits(inputs, self.classifier), self.config.cosine_scale)
+        with _float32(inputs) as inputs32:
+            if self.head is not None:
+                return self.head.probabilities(inputs32)
+            return class_probabilities(cosine_logits(inputs32, self.classifier), self.config.cosine_scale)
 
     def logits_from_embedding(self, hidden: Tensor, routers: RouterSource) -> Tensor:
         """Scores (B, C) from `backbone.embed` output, through the fast path."""

@@ -86,6 +86,16 @@ class Settings(BaseSettings):
         description="MoRAM: 0 = every token scores every atom (published); n = atoms preselected per sample (bounded).",
     )
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where the model runs.")
+    # The GPU path (service/inference/acceleration.py): each switch measured alone before it becomes a default.
+    pin_memory: bool = Field(True, description="CUDA only: batches go to the GPU from pinned host memory.")
+    gpu_decode: bool = Field(False, description="CUDA only: JPEG files are decoded and resized on the GPU (nvjpeg).")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="'bf16': the backbone and experts under bfloat16 autocast; the head stays float32."
+    )
+    channels_last: bool = Field(False, description="Channels-last weights and inputs (convolutional backbones).")
+    compile: bool = Field(
+        False, description="torch.compile the backbone's trunk below the first site (slower start-up, faster batches)."
+    )
 
     # Router cache
     router_cache_bytes: int | None = Field(

@@ -14,6 +14,7 @@ import torch
 from model.backbone import SiteBackbone, make_transform
 from model.config import ModelConfig
 from registry import Registry, VersionWatcher
+from service.inference.acceleration import Acceleration
 from service.inference.backbone import load_backbone
 from service.inference.batcher import MicroBatcher
 from service.inference.preprocess import Preprocessor, PreprocessPool, default_workers
@@ -80,6 +81,8 @@ def build_state(settings: Settings) -> AppState:
     started = time.perf_counter()
     config, backbone = load_backbone(settings)
     device = settings.torch_device()
+    acceleration = Acceleration.from_settings(settings)
+    acceleration.prepare(backbone)
     registry = open_registry(settings)
     jobs = JobStore(settings.jobs_database, settings.uploads_dir)
     holder: dict[str, Metrics] = {}
@@ -109,7 +112,7 @@ def build_state(settings: Settings) -> AppState:
     def on_failure(version: int, error: Exception) -> None:  # noqa: ARG001 - logged by ServingSlot
         metrics.version_load_failures.inc()
 
-    serving = ServingSlot(SnapshotLoader(store, cache), on_swap=on_swap, on_failure=on_failure)
+    serving = ServingSlot(SnapshotLoader(store, cache, acceleration), on_swap=on_swap, on_failure=on_failure)
     latest = registry.current_version()
     if latest is not None:
         # Refuse to start on a registry of another backbone/configuration: serving it would be wrong.
@@ -132,7 +135,7 @@ def build_state(settings: Settings) -> AppState:
         on_batch=metrics.batch_size.observe,
         on_queue=metrics.queue_images.set,
     )
-    preprocess = Preprocessor(make_transform(backbone, config.image_size), limits, device)
+    preprocess = Preprocessor(make_transform(backbone, config.image_size), limits, device, acceleration=acceleration)
     state = AppState(
         settings=settings,
         config=config,
@@ -166,6 +169,7 @@ def warm_up(state: AppState) -> None:
     images = torch.zeros(1, 3, size, size, device=state.settings.torch_device())
     with torch.inference_mode():
         state.backbone.forward_plain(images)
+        state.backbone.embed(images)  # compiles the trunk here, before ready, when CARE_COMPILE is on
         served = state.served()
         if served.network is not None:
             served.probabilities(images)

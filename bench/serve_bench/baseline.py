@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 
 from model.backbone import make_transform
 from service.errors import ApiError
+from service.inference.acceleration import Acceleration
 from service.inference.backbone import load_backbone
 from service.inference.preprocess import Preprocessor
 from service.ingest.limits import upload_limits
@@ -46,7 +47,12 @@ def create_app(settings: Settings, classes: int = 1000, seed: int = 0) -> FastAP
         head.bias.zero_()
     head.to(device).eval()
     labels = [f"class-{index}" for index in range(classes)]
-    preprocess = Preprocessor(make_transform(backbone, config.image_size), upload_limits(settings), device)
+    # The same GPU-path switches as the served app (pinned copies, nvjpeg, bf16, channels-last), so that a ratio
+    # compares the routing and the head, not the switches; CARE_COMPILE compiles the served trunk only.
+    acceleration = Acceleration.from_settings(settings)
+    acceleration.prepare(backbone)
+    transform = make_transform(backbone, config.image_size)
+    preprocess = Preprocessor(transform, upload_limits(settings), device, acceleration=acceleration)
 
     app = FastAPI(title="care-bench baseline")
 
@@ -63,8 +69,8 @@ def create_app(settings: Settings, classes: int = 1000, seed: int = 0) -> FastAP
             batch = preprocess(files)
         except ApiError as error:
             return JSONResponse({"error": error.code, "message": error.message}, status_code=error.status)
-        with torch.inference_mode():
-            probabilities = head(backbone.forward_plain(batch)).softmax(dim=1)
+        with torch.inference_mode(), acceleration.autocast():
+            probabilities = head(backbone.forward_plain(batch)).float().softmax(dim=1)
             scores, indices = probabilities.topk(min(top_k, classes), dim=1)
         return {
             "predictions": [

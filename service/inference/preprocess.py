@@ -23,6 +23,7 @@ from torch import Tensor
 
 from model.tensor_transform import TensorTransform, tensor_transform
 from service.errors import ApiError, api_error
+from service.inference.acceleration import Acceleration
 from service.ingest.images import decode_image, decode_image_tensor
 from service.ingest.limits import UploadLimits
 
@@ -43,15 +44,19 @@ class Preprocessor:
         limits: UploadLimits,
         device: torch.device,
         tensor_path: bool = True,
+        acceleration: Acceleration | None = None,
     ):
         self.transform = transform
         self.limits = limits
         self.device = device
         self.tensor_transform: TensorTransform | None = tensor_transform(transform) if tensor_path else None
+        self.acceleration = acceleration
+        # nvjpeg: JPEG files decoded (and then resized) on the GPU; only on the tensor path.
+        self.decode_device = acceleration.decode_device if acceleration and self.tensor_transform else None
 
     def _one(self, name: str, data: bytes) -> Tensor:
         if self.tensor_transform is not None:
-            return self.tensor_transform(decode_image_tensor(name, data, self.limits))
+            return self.tensor_transform(decode_image_tensor(name, data, self.limits, self.decode_device))
         return self.transform(decode_image(name, data, self.limits))
 
     def __call__(self, files: Sequence[tuple[str, bytes]]) -> Tensor:
@@ -71,7 +76,8 @@ class Preprocessor:
                 "or TIFF images",
                 details={"images": problems},
             )
-        return torch.stack(tensors).to(self.device)
+        batch = torch.stack([t.to(self.device) for t in tensors]) if self.decode_device else torch.stack(tensors)
+        return self.acceleration.inputs(batch) if self.acceleration is not None else batch.to(self.device)
 
 
 def _single_torch_thread() -> None:

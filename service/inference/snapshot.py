@@ -22,6 +22,7 @@ from torch import Tensor
 
 from model.network import CareModel
 from registry import Manifest
+from service.inference.acceleration import Acceleration
 from service.modelstore import LoadedTasks, ModelStore, iter_labels, provisional_tasks
 from service.routers.source import CachedRouters, RouterCache
 
@@ -50,6 +51,7 @@ class ServedVersion:
     task_ids: tuple[str, ...]
     loaded: LoadedTasks | None
     provisional_ids: frozenset[str] = frozenset()  # tasks served by the head alone (not trained yet)
+    acceleration: Acceleration | None = None  # the GPU path's switches; None = the plain path
 
     @property
     def num_tasks(self) -> int:
@@ -73,8 +75,11 @@ class ServedVersion:
         """(B, C) probabilities over every learned class for preprocessed images (B, 3, H, W)."""
         if self.network is None or self.routers is None:
             raise RuntimeError("no classes have been learned yet")
-        with torch.inference_mode():
-            return self.network.predict_proba(images, self.routers)
+        if self.acceleration is None:
+            with torch.inference_mode():
+                return self.network.predict_proba(images, self.routers)
+        with torch.inference_mode(), self.acceleration.autocast():
+            return self.network.predict_proba(self.acceleration.inputs(images), self.routers)
 
     def top(self, probabilities: Tensor, top_k: int) -> list[list[Prediction]]:
         """The `top_k` classes of each row, best first."""
@@ -96,9 +101,10 @@ def empty_version() -> ServedVersion:
 class SnapshotLoader:
     """Builds `ServedVersion`s from registry versions, reusing what the previous one already holds."""
 
-    def __init__(self, store: ModelStore, cache: RouterCache) -> None:
+    def __init__(self, store: ModelStore, cache: RouterCache, acceleration: Acceleration | None = None) -> None:
         self.store = store
         self.cache = cache
+        self.acceleration = acceleration
 
     def load(self, manifest: Manifest, previous: ServedVersion | None) -> ServedVersion:
         """Verify and load `manifest`; raises (and changes nothing) if any of its files is bad."""
@@ -120,6 +126,7 @@ class SnapshotLoader:
             task_ids=tuple(task_id for _, task_id in pairs),
             loaded=loaded,
             provisional_ids=frozenset(task.task_id for task in provisional_tasks(manifest)),
+            acceleration=self.acceleration,
         )
 
 

@@ -18,7 +18,7 @@ from typing import Any, cast
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
-from torchvision.io import ImageReadMode
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.io import decode_image as decode_with_torchvision
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -161,12 +161,16 @@ def _tensor_decodable(image: Image.Image, data: bytes) -> bool:
     return orientation == 1
 
 
-def _decode_tensor(name: str, data: bytes, limits: UploadLimits) -> Tensor:
+def _decode_tensor(name: str, data: bytes, limits: UploadLimits, device: torch.device | None = None) -> Tensor:
     image = _open(data, limits)
     if _tensor_decodable(image, data):
         pixels: Tensor | None
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         try:
-            pixels = decode_with_torchvision(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB)
+            if device is not None and image.format == "JPEG":
+                pixels = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)  # nvjpeg
+            else:
+                pixels = decode_with_torchvision(encoded, ImageReadMode.RGB)
         except Exception:  # corrupt data: Pillow's full decode below gives the reason
             pixels = None
         if pixels is not None and pixels.dtype == torch.uint8 and tuple(pixels.shape) == (3, image.height, image.width):
@@ -214,15 +218,17 @@ def decode_image(name: str, data: bytes, limits: UploadLimits) -> Image.Image:
         raise _api_error(name, problem) from problem
 
 
-def decode_image_tensor(name: str, data: bytes, limits: UploadLimits) -> Tensor:
+def decode_image_tensor(name: str, data: bytes, limits: UploadLimits, device: torch.device | None = None) -> Tensor:
     """`decode_image`'s pixels as a (3, H, W) uint8 tensor, with the same checks and errors.
 
     Plain 8-bit RGB or grey JPEG and PNG files (what clients send) are decoded by libjpeg-turbo / libpng through
     torchvision without a PIL image (the same pixels as Pillow's decoders). Everything else (alpha, palettes,
     16-bit, EXIF rotation, truncated or corrupt data, other formats) takes the Pillow path of `decode_image`.
+    With a CUDA `device`, plain JPEG files are decoded there by nvjpeg (the tensor is on that device); the checks
+    and the fallback stay on the CPU.
     """
     try:
-        return _decode_tensor(name, data, limits)
+        return _decode_tensor(name, data, limits, device)
     except _ImageProblem as problem:
         raise _api_error(name, problem) from problem
 

@@ -52,6 +52,11 @@ CHANGED: dict[str, object] = {
     "moram_threshold": 0.5,
     "moram_candidates": 64,
     "device": "cpu",
+    "pin_memory": False,
+    "gpu_decode": True,
+    "precision": "bf16",
+    "channels_last": True,
+    "compile": True,
     "router_cache_bytes": None,  # unbounded: written as an empty variable
     "router_host_cache_bytes": 12345,
     "max_batch_size": 7,
