@@ -213,7 +213,7 @@ class JobStore:
         fingerprint = None if idempotency_key is None else request_fingerprint(images, labels, name)
         if idempotency_key is not None and (done := self._by_key(self._conn(), idempotency_key, fingerprint)):
             return done
-        # Cheap checks before writing a possibly large upload; repeated under the write lock below.
+        # Cheap checks before writing a possibly large upload; repeated in the write transaction below.
         check_admission(self._conn(), classes, max_queued)
         staging = stage_upload(self.uploads_dir, images, labels, classes)
         final: Path | None = None
@@ -258,6 +258,7 @@ class JobStore:
     def _lost_race(
         self, exc: Exception, classes: Sequence[str], idempotency_key: str | None, fingerprint: str | None
     ) -> SubmitResult:
+        """Answer a submit that a UNIQUE constraint refused: the winner's task for the same key, else LabelConflict."""
         conn = self._conn()
         if idempotency_key is not None and (winner := self._by_key(conn, idempotency_key, fingerprint)):
             logger.info("a concurrent retry with the same idempotency key created task %s", winner.record.task_id)
