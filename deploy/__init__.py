@@ -1,0 +1,1 @@
+"""Deployment targets beyond docker-compose: deploy/ray/ (Ray Serve, KubeRay). Not part of the care-serve package."""
