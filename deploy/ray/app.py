@@ -28,14 +28,15 @@ import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
 from ray.serve.handle import DeploymentHandle
 
 from service.app import create_app
@@ -70,7 +71,7 @@ def replica_settings(overrides: dict[str, Any]) -> Settings:
     return Settings.model_validate({**overrides, "run_worker": False})
 
 
-class _DeferredMetrics:
+class _DeferredMetrics(Collector):
     """The app's metrics registry once its lifespan has built it (empty before)."""
 
     def __init__(self, app: FastAPI) -> None:
@@ -88,7 +89,7 @@ class CareIngress:
 
     def __init__(
         self,
-        worker: DeploymentHandle | None = None,
+        worker: DeploymentHandle[Any] | None = None,
         settings: dict[str, Any] | None = None,
         metrics_port: int | None = None,
         metrics_host: str = "0.0.0.0",
@@ -114,7 +115,7 @@ class CareIngress:
         if self.metrics_port is not None:
             port = self.metrics_port + self.local_rank
             registry = CollectorRegistry(auto_describe=False)
-            registry.register(_DeferredMetrics(app))  # type: ignore[arg-type]  # a Collector by duck typing
+            registry.register(_DeferredMetrics(app))
             start_http_server(port, addr=self.metrics_host, registry=registry)
             logger.info("replica %s: metrics on %s:%d", replica, self.metrics_host, port)
         logger.info("replica %s (local rank %d) of %s: pid %d", replica, self.local_rank, INGRESS, os.getpid())
@@ -156,5 +157,6 @@ class TrainingWorkerDeployment:
 def build(args: dict[str, Any]) -> Application:
     """The application builder of config.yaml: the ingress bound to the worker (when `args.worker`)."""
     parsed = AppArgs.model_validate(args)
-    worker = TrainingWorkerDeployment.bind(parsed.settings) if parsed.worker else None
-    return CareIngress.bind(worker, parsed.settings, parsed.metrics_port, parsed.metrics_host)
+    # serve.deployment turns the classes into Deployments; its annotations do not say so.
+    worker = cast(Deployment, TrainingWorkerDeployment).bind(parsed.settings) if parsed.worker else None
+    return cast(Deployment, CareIngress).bind(worker, parsed.settings, parsed.metrics_port, parsed.metrics_host)
