@@ -27,6 +27,7 @@ from bench.report import write_json
 from bench.synthetic import key_images, populate
 from model.backbone import build_backbone
 from model.config import ModelConfig
+from model.network import CareModel
 from registry import Registry
 from service.inference.snapshot import ServedVersion, SnapshotLoader
 from service.modelstore import ModelStore
@@ -85,7 +86,7 @@ def measure_router_loads(store: ModelStore, version: int, tasks: list[int], repe
 
 def primary_tasks(served: ServedVersion, pool: Tensor, batch: int) -> list[int]:
     """For each image, the task whose router it uses most often across sites (routed by `served`)."""
-    assert served.network is not None and served.routers is not None
+    assert isinstance(served.network, CareModel) and served.routers is not None  # routers: CaRE's only
     owners: list[int] = []
     for start in range(0, len(pool), batch):
         selected: list[Tensor] = []

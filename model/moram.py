@@ -50,6 +50,7 @@ from model.classifier import class_probabilities, cosine_logits
 from model.config import ModelConfig, TrainConfig
 from model.head import AnalyticHead, HeadStatistics, head_inputs
 from model.network import run_sites
+from model.routers import RouterSource
 from model.trainer import EMBED_CHUNK, ProgressFn, TrainProgress, embed_images, extend_analytic_head
 
 NORM_EPS = 1e-12  # F.normalize's default, the code's guard for tokens whose responses are all ~0
@@ -337,9 +338,17 @@ class MoramModel:
         return features, vectors
 
     def head_inputs_from_embedding(
-        self, hidden: Tensor, path: MoramPath = "fast", candidates: int | None = None
+        self,
+        hidden: Tensor,
+        routers: RouterSource | None = None,
+        path: MoramPath = "fast",
+        candidates: int | None = None,
     ) -> Tensor:
-        """What the served head reads: the analytic head's inputs, or phi for the cosine classifier."""
+        """What the served head reads: the analytic head's inputs, or phi for the cosine classifier.
+
+        `routers` is ignored (MoRAM has none): it is accepted so that a MoramModel answers the calls the service
+        makes of a `CareModel` (`service.modelstore.ServedNetwork`)."""
+        del routers
         features, vectors = self.features_and_site_vectors(hidden, path, candidates)
         return features if self.head is None else head_inputs(features, vectors)
 
@@ -354,13 +363,28 @@ class MoramModel:
         return class_probabilities(cosine_logits(inputs, self.classifier), self.config.cosine_scale)
 
     @torch.inference_mode()
-    def logits(self, images: Tensor, path: MoramPath = "fast", candidates: int | None = None) -> Tensor:
-        """Scores (B, C) over all learned classes of preprocessed images, without a task id."""
-        return self.scores(self.head_inputs_from_embedding(self.backbone.embed(images), path, candidates))
+    def logits(
+        self,
+        images: Tensor,
+        routers: RouterSource | None = None,
+        path: MoramPath = "fast",
+        candidates: int | None = None,
+    ) -> Tensor:
+        """Scores (B, C) over all learned classes of preprocessed images, without a task id (`routers`: ignored)."""
+        hidden = self.backbone.embed(images)
+        return self.scores(self.head_inputs_from_embedding(hidden, routers, path=path, candidates=candidates))
 
     @torch.inference_mode()
-    def predict_proba(self, images: Tensor, path: MoramPath = "fast", candidates: int | None = None) -> Tensor:
-        return self.probabilities(self.head_inputs_from_embedding(self.backbone.embed(images), path, candidates))
+    def predict_proba(
+        self,
+        images: Tensor,
+        routers: RouterSource | None = None,
+        path: MoramPath = "fast",
+        candidates: int | None = None,
+    ) -> Tensor:
+        """Probabilities (B, C) over all learned classes (`routers`: ignored)."""
+        hidden = self.backbone.embed(images)
+        return self.probabilities(self.head_inputs_from_embedding(hidden, routers, path=path, candidates=candidates))
 
 
 # ---- learning -----------------------------------------------------------------------------------------------------
@@ -519,13 +543,7 @@ def learn_moram_task_embedded(
     bank = bank_with(lineage.bank, atoms, rank)
     head: AnalyticHead | None = None
     head_statistics: HeadStatistics | None = None
-    model = MoramModel(config, backbone, bank, classifier)
-    inputs = torch.cat(
-        [
-            head_inputs(*model.features_and_site_vectors(hidden[i : i + EMBED_CHUNK]))
-            for i in range(0, len(hidden), EMBED_CHUNK)
-        ]
-    ).clone()
+    inputs = served_moram_inputs(backbone, config, bank, classifier, hidden)
     offset = old_classifier.shape[0]
     head, head_statistics = extend_analytic_head(
         lineage.head, lineage.head_statistics, backbone, train, inputs, labels, num_classes, offset
@@ -540,3 +558,17 @@ def learn_moram_task_embedded(
         "seconds": time.perf_counter() - started,
     }
     return MoramTask(index, atoms, classifier, head, head_statistics, metrics)
+
+
+def served_moram_inputs(
+    backbone: SiteBackbone, config: ModelConfig, bank: AtomBank, classifier: Tensor, hidden: Tensor
+) -> Tensor:
+    """The analytic head's (unscaled) inputs of `embed_images` output through the atoms of `bank`, as the version
+    holding them serves them, in chunks; a normal tensor (callers may keep it beside autograd)."""
+    model = MoramModel(config, backbone, bank, classifier)
+    return torch.cat(
+        [
+            head_inputs(*model.features_and_site_vectors(hidden[i : i + EMBED_CHUNK]))
+            for i in range(0, len(hidden), EMBED_CHUNK)
+        ]
+    ).clone()

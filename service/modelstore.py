@@ -7,7 +7,8 @@ through `service.routers`. Layout of one version's files:
 
     tasks/{index:04d}-{task_id}/experts.safetensors   experts + perceptrons of a task   (resident when served)
     tasks/{index:04d}-{task_id}/routers.safetensors   routers of a task                  (loaded through the cache)
-    versions/{first:06d}/shared.safetensors           E_bar, written with version 1 and reused
+    tasks/{index:04d}-{task_id}/atoms.safetensors     a MoRAM task's atoms (instead of experts and routers)
+    versions/{first:06d}/shared.safetensors           E_bar, written with version 1 and reused (CaRE only)
     versions/{version:06d}/classifier.safetensors     the cosine classifier as of this version
     trainer/{version:06d}.safetensors                 per-class statistics (trainer only)
 
@@ -18,6 +19,11 @@ holds, under `provisional.*`, the statistics that head was solved from (trained 
 The trained head statistics over `manifest.tasks` (`head.*`) are in the trainer state of the version named by
 `manifest.extra["head_state_version"]` (this version when absent), so a provisional version does not copy them.
 `manifest.tasks` only ever lists trained tasks: routing, experts and routers are untouched by provisional ones.
+
+Methods (`ModelConfig.method`, recorded in every manifest): a CaRE version's tasks have `experts` and `routers`
+files and the version a `shared` file; a MoRAM version's tasks have one `atoms` file each (model/moram.py) and the
+version no shared file. Both have the classifier file and the same trainer state (the analytic head's statistics).
+Whichever the method, `network` builds what the version serves: a `ServedNetwork`.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -36,6 +42,9 @@ from model.backbone import SiteBackbone
 from model.bank import ExpertBank
 from model.config import ModelConfig
 from model.head import AnalyticHead, HeadStatistics
+from model.moram import AtomBank, MoramLineage, MoramModel, MoramTask
+from model.network import CareModel
+from model.routers import ResidentRouters, RouterSource
 from model.trainer import LearnedTask, Lineage
 from registry import Manifest, Registry, TaskRecord, check_compatible, task_file_path, version_file_path
 from service.routers.source import ROLE_ROUTERS, CachedRouters, RouterCache
@@ -46,10 +55,39 @@ logger = logging.getLogger(__name__)
 ROLE_EXPERTS = "experts"
 ROLE_SHARED = "shared"
 ROLE_CLASSIFIER = "classifier"
+ROLE_ATOMS = "atoms"  # a MoRAM task's atoms: its only file (no routers, no shared expert)
 
 EXTRA_PROVISIONAL = "provisional"  # manifest.extra: the head-only tasks, in head order after the trained ones
 EXTRA_HEAD_STATE = "head_state_version"  # manifest.extra: the version whose trainer state has the trained head.*
 STATE_PROVISIONAL = "provisional"  # trainer-state prefix of the statistics a head with provisional classes came from
+
+
+class ServedNetwork(Protocol):
+    """What serving and the provisional path ask of a version's network, whatever the method.
+
+    `CareModel` routes through the version's routers; `MoramModel` has none and ignores the argument (it is handed
+    `NO_ROUTERS`). A method plugs into the service by giving its network these calls.
+    """
+
+    @property
+    def backbone(self) -> SiteBackbone: ...
+
+    @property
+    def head(self) -> AnalyticHead | None: ...
+
+    @property
+    def num_tasks(self) -> int: ...
+
+    def predict_proba(self, images: Tensor, routers: RouterSource) -> Tensor:
+        """Probabilities (B, C) over every served class of preprocessed images."""
+        ...
+
+    def head_inputs_from_embedding(self, hidden: Tensor, routers: RouterSource) -> Tensor:
+        """The served head's inputs of `backbone.embed` output."""
+        ...
+
+
+NO_ROUTERS: RouterSource = ResidentRouters()  # what a network without routers (MoRAM) is handed
 
 
 @dataclass(frozen=True)
@@ -134,7 +172,7 @@ def open_registry(settings: Settings) -> Registry:
 class NewTask:
     """A learned task and the names it is published under."""
 
-    learned: LearnedTask
+    learned: LearnedTask | MoramTask
     task_id: str
     classes: list[str]
     name: str | None = None
@@ -142,9 +180,10 @@ class NewTask:
 
 @dataclass(frozen=True)
 class LoadedTasks:
-    """The resident tensors of a version: the bank (on device), the cosine classifier and the analytic head."""
+    """The resident tensors of a version: the bank (on device; CaRE's experts or MoRAM's atoms), the cosine
+    classifier and the analytic head."""
 
-    bank: ExpertBank
+    bank: ExpertBank | AtomBank
     classifier: Tensor
     head: AnalyticHead | None = None
 
@@ -201,40 +240,29 @@ class ModelStore:
                 self._metadata(artifacts.KIND_CLASSIFIER, num_classes=int(last.classifier.shape[0])),
             )
         }
-        if parent is None:
-            shared = new_tasks[0].learned.shared
+        version_files = {ROLE_CLASSIFIER: classifier_path}
+        if self.config.method == "care" and parent is None:
+            shared = new_tasks[0].learned.shared if isinstance(new_tasks[0].learned, LearnedTask) else None
             if shared is None:
                 raise ValueError("the first version needs the shared expert trained with the first task")
-            shared_path = version_file_path(version, ROLE_SHARED)
-            new_files[shared_path] = (artifacts.shared_tensors(shared), self._metadata(artifacts.KIND_SHARED))
-            tasks: list[TaskRecord] = []
-        else:
-            shared_path = parent.version_files[ROLE_SHARED]
-            tasks = list(parent.tasks)
+            version_files[ROLE_SHARED] = version_file_path(version, ROLE_SHARED)
+            new_files[version_files[ROLE_SHARED]] = (
+                artifacts.shared_tensors(shared),
+                self._metadata(artifacts.KIND_SHARED),
+            )
+        elif self.config.method == "care":
+            assert parent is not None
+            version_files[ROLE_SHARED] = parent.version_files[ROLE_SHARED]
+        tasks: list[TaskRecord] = [] if parent is None else list(parent.tasks)
         for new in new_tasks:
             index = new.learned.index
             if index != len(tasks):
                 raise ValueError(f"task {new.task_id} was learned as task {index}, but it would be task {len(tasks)}")
-            experts_path = task_file_path(index, new.task_id, ROLE_EXPERTS)
-            routers_path = task_file_path(index, new.task_id, ROLE_ROUTERS)
-            new_files[experts_path] = (
-                artifacts.task_expert_tensors(new.learned.task),
-                self._metadata(artifacts.KIND_TASK_EXPERTS, task_index=index, num_classes=len(new.classes)),
-            )
-            new_files[routers_path] = (
-                artifacts.task_router_tensors(new.learned.task),
-                self._metadata(artifacts.KIND_TASK_ROUTERS, task_index=index),
-            )
-            tasks.append(
-                TaskRecord(
-                    task_id=new.task_id,
-                    name=new.name,
-                    classes=tuple(new.classes),
-                    files={ROLE_EXPERTS: experts_path, ROLE_ROUTERS: routers_path},
-                )
-            )
+            files = self._task_files(new, index, new_files)
+            tasks.append(TaskRecord(task_id=new.task_id, name=new.name, classes=tuple(new.classes), files=files))
+        statistics = last.statistics if isinstance(last, LearnedTask) else None
         trainer_state = artifacts.trainer_state_tensors(
-            None if last.statistics is None else last.statistics.to_tensors(),
+            None if statistics is None else statistics.to_tensors(),
             None if last.head_statistics is None else last.head_statistics.to_tensors(),
         )
         extra = dict(extra or {})
@@ -247,10 +275,38 @@ class ModelStore:
             model_config=self.config.to_dict(),
             tasks=tasks,
             new_files=new_files,
-            version_files={ROLE_SHARED: shared_path, ROLE_CLASSIFIER: classifier_path},
+            version_files=version_files,
             trainer_state=trainer_state,
             extra=extra,
         )
+
+    def _task_files(
+        self, new: NewTask, index: int, new_files: dict[str, tuple[Mapping[str, Tensor], Mapping[str, str]]]
+    ) -> dict[str, str]:
+        """Add the files of one new task to `new_files`; returns its record's role -> path."""
+        learned = new.learned
+        if self.config.method == "moram":
+            if not isinstance(learned, MoramTask):
+                raise ValueError(f"task {new.task_id}: a MoRAM registry publishes MoRAM tasks, got a CaRE one")
+            atoms_path = task_file_path(index, new.task_id, ROLE_ATOMS)
+            new_files[atoms_path] = (
+                artifacts.task_atom_tensors(learned.atoms),
+                self._metadata(artifacts.KIND_TASK_ATOMS, task_index=index, num_classes=len(new.classes)),
+            )
+            return {ROLE_ATOMS: atoms_path}
+        if not isinstance(learned, LearnedTask):
+            raise ValueError(f"task {new.task_id}: a CaRE registry publishes CaRE tasks, got a MoRAM one")
+        experts_path = task_file_path(index, new.task_id, ROLE_EXPERTS)
+        routers_path = task_file_path(index, new.task_id, ROLE_ROUTERS)
+        new_files[experts_path] = (
+            artifacts.task_expert_tensors(learned.task),
+            self._metadata(artifacts.KIND_TASK_EXPERTS, task_index=index, num_classes=len(new.classes)),
+        )
+        new_files[routers_path] = (
+            artifacts.task_router_tensors(learned.task),
+            self._metadata(artifacts.KIND_TASK_ROUTERS, task_index=index),
+        )
+        return {ROLE_EXPERTS: experts_path, ROLE_ROUTERS: routers_path}
 
     def publish_provisional(
         self, parent: Manifest, classifier: Tensor, provisional: ProvisionalHead, extra: Mapping[str, Any] | None = None
@@ -278,7 +334,7 @@ class ModelStore:
             model_config=self.config.to_dict(),
             tasks=list(parent.tasks),
             new_files=new_files,
-            version_files={ROLE_SHARED: parent.version_files[ROLE_SHARED], ROLE_CLASSIFIER: classifier_path},
+            version_files={**parent.version_files, ROLE_CLASSIFIER: classifier_path},
             trainer_state=_provisional_state(provisional) if provisional.tasks else None,
             extra=record,
         )
@@ -292,7 +348,8 @@ class ModelStore:
         """Verify a version's files and build its resident tensors.
 
         When `previous` holds a loaded version whose tasks are a prefix of this one's, only the new tasks are read
-        and appended to its bank (hot-loading one more task does not re-read hundreds of files).
+        and appended to its bank (hot-loading one more task does not re-read hundreds of files). The bank is CaRE's
+        experts or MoRAM's atoms, as the configuration's method says.
         """
         self.check(manifest)
         self.registry.verify(manifest)
@@ -306,13 +363,18 @@ class ModelStore:
         head = artifacts.head_from_tensors(classifier_tensors, self.config, head_classes, classifier_path)
         if head is not None:
             head = head.to(self.device)
-        start, bank = 0, None
+        start, reused = 0, None
         if previous is not None:
             old_manifest, old_tasks = previous
-            same_shared = old_manifest.version_files[ROLE_SHARED] == manifest.version_files[ROLE_SHARED]
+            same_shared = old_manifest.version_files.get(ROLE_SHARED) == manifest.version_files.get(ROLE_SHARED)
             if same_shared and manifest.tasks[: len(old_manifest.tasks)] == old_manifest.tasks:
-                start, bank = len(old_manifest.tasks), old_tasks.bank
+                start, reused = len(old_manifest.tasks), old_tasks.bank
+        if self.config.method == "moram":
+            atoms = self._load_atoms(manifest, start, reused)
+            return LoadedTasks(atoms, classifier, head)
+        bank = reused if isinstance(reused, ExpertBank) else None
         if bank is None:
+            start = 0
             shared_path = manifest.version_files[ROLE_SHARED]
             shared = self._read(shared_path, artifacts.KIND_SHARED)
             bank = artifacts.empty_bank(shared, self.config, self.site_dims, shared_path).to(self.device)
@@ -325,6 +387,36 @@ class ModelStore:
             )
             bank = bank.append([e.to(self.device) for e in experts], [p.to(self.device) for p in perceptrons])
         return LoadedTasks(bank, classifier, head)
+
+    def _load_atoms(self, manifest: Manifest, start: int, reused: ExpertBank | AtomBank | None) -> AtomBank:
+        """A MoRAM version's atoms: `reused` (the first `start` tasks' bank) with the later tasks' atoms appended."""
+        bank = reused if isinstance(reused, AtomBank) and start > 0 else None
+        first = start if bank is not None else 0
+        new = []
+        for task in manifest.tasks[first:]:
+            path = task.files[ROLE_ATOMS]
+            tensors = self._read(path, artifacts.KIND_TASK_ATOMS)
+            atoms = artifacts.atoms_from_tensors(tensors, self.config, self.site_dims, path)
+            new.append([stack.to(self.device) for stack in atoms])
+        if bank is None:
+            if not new:
+                raise ValueError(f"version {manifest.version} has no trained task")
+            return AtomBank.of_tasks(new, self.config.moram_rank)
+        for atoms in new:
+            bank = bank.append(atoms)
+        return bank
+
+    def network(self, loaded: LoadedTasks) -> ServedNetwork:
+        """The network that serves a loaded version: a `CareModel` or a `MoramModel`, as its bank."""
+        if isinstance(loaded.bank, AtomBank):
+            return MoramModel(self.config, self.backbone, loaded.bank, loaded.classifier, loaded.head)
+        return CareModel(self.config, self.backbone, loaded.bank, loaded.classifier, loaded.head)
+
+    def routers(self, manifest: Manifest, cache: RouterCache) -> CachedRouters | None:
+        """The version's routers through the cache; None under MoRAM (it has none)."""
+        if self.config.method == "moram":
+            return None
+        return CachedRouters(self.registry, manifest, self.site_dims, cache)
 
     def load_statistics(self, manifest: Manifest) -> tuple[ClassStatistics | None, HeadStatistics | None]:
         """The trainer's statistics as of `manifest` (trainer only): the cosine head's or the analytic head's.
@@ -362,6 +454,8 @@ class ModelStore:
             return Lineage.empty(self.backbone.feature_dim).to(self.device)
         loaded = self.load_tasks(manifest, previous)
         statistics, head_statistics = self.load_statistics(manifest)
+        if not isinstance(loaded.bank, ExpertBank):
+            raise ValueError(f"version {manifest.version} is not a CaRE version; continue it with load_moram_lineage")
         return Lineage(
             bank=loaded.bank,
             routers=CachedRouters(self.registry, manifest, self.site_dims, cache),
@@ -370,6 +464,18 @@ class ModelStore:
             head_statistics=head_statistics,
             head=loaded.head,
         )
+
+    def load_moram_lineage(
+        self, manifest: Manifest | None, previous: tuple[Manifest, LoadedTasks] | None = None
+    ) -> MoramLineage:
+        """What `learn_moram_task` needs to learn the task after `manifest` (None: before the first task)."""
+        if manifest is None:
+            empty = MoramLineage.empty(self.backbone.feature_dim)
+            return MoramLineage(None, empty.classifier.to(self.device))
+        loaded = self.load_tasks(manifest, previous)
+        if not isinstance(loaded.bank, AtomBank):
+            raise ValueError(f"version {manifest.version} is not a MoRAM version")
+        return MoramLineage(loaded.bank, loaded.classifier, self.load_statistics(manifest)[1], loaded.head)
 
 
 def iter_labels(manifest: Manifest) -> Iterator[tuple[str, str]]:

@@ -73,8 +73,8 @@ class Settings(BaseSettings):
     )
     method: MethodKind = Field(
         ModelConfig.method,
-        description="How tasks adapt the backbone: 'care' (BR-MoE, the default) or 'moram' (rank-one atoms; the model "
-        "implements it, the service does not serve it yet). 'seta' is reserved.",
+        description="How tasks adapt the backbone: 'care' (BR-MoE, the default) or 'moram' (rank-one atoms, trained "
+        "and served like CaRE's tasks, without routers). 'seta' is reserved.",
     )
     moram_rank: int = Field(ModelConfig.moram_rank, ge=1, description="MoRAM: rank-one atoms per task and site.")
     moram_top_k: int = Field(ModelConfig.moram_top_k, ge=1, description="MoRAM: atoms each token activates.")

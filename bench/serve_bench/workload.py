@@ -16,6 +16,7 @@ from bench.synthetic import keyed_learned_tasks
 from model.adapter import TaskModules
 from model.alignment import ClassStatistics
 from model.backbone import SiteBackbone
+from model.network import CareModel
 from model.synthetic import random_task, synthetic_head
 from model.trainer import LearnedTask
 from registry import Manifest
@@ -111,7 +112,7 @@ class Offline:
 
     def path_s(self, images: Tensor, path: str) -> float:
         served = self.served
-        assert served is not None and served.network is not None and served.routers is not None
+        assert served is not None and isinstance(served.network, CareModel) and served.routers is not None
         network, routers = served.network, served.routers
         with torch.inference_mode():
             return time_call(lambda: network.logits(images, routers, "fast" if path == "fast" else "reference"))
@@ -119,7 +120,7 @@ class Offline:
     def own_task_fraction(self, images: Tensor, tasks: Sequence[int]) -> float:
         """Fraction of images whose most used router (over sites and the M picks) is their own task's."""
         served = self.served
-        assert served is not None and served.network is not None and served.routers is not None
+        assert served is not None and isinstance(served.network, CareModel) and served.routers is not None
         selected: list[Tensor] = []
         served.network.forward_features(images, served.routers, "fast", selected)
         per_image = torch.cat(selected, dim=1)

@@ -20,13 +20,6 @@ def resolved_model_config(settings: Settings, backbone: SiteBackbone) -> ModelCo
 
 def load_backbone(settings: Settings) -> tuple[ModelConfig, SiteBackbone]:
     """Build the frozen backbone on the configured device; returns it with the resolved model config."""
-    if settings.method != "care":
-        # model/moram.py learns and serves MoRAM tasks, but the worker, the model store and the served snapshot only
-        # know CaRE's bank yet: refuse rather than train CaRE experts into a registry recorded as another method.
-        raise ValueError(
-            f"CARE_METHOD={settings.method}: the model package implements it, but the service does not train or "
-            "serve it yet (issue 15); start with CARE_METHOD=care"
-        )
     backbone = build_backbone(settings.model(), settings.backbone_weights)
     backbone.to(settings.torch_device())
     return resolved_model_config(settings, backbone), backbone

@@ -1,8 +1,8 @@
 """The served version: one immutable, numbered registry version as served, and how the next one is built beside it.
 
-Vocabulary: a `ServedVersion` is one registry version as served; its `network` is the `CareModel` (the nn.Module,
-model/network.py) that computes its probabilities; the `ServingSlot` holds the `ServedVersion` being `served` and
-swaps newer ones in.
+Vocabulary: a `ServedVersion` is one registry version as served; its `network` is what computes its probabilities
+(a `ServedNetwork`: CaRE's `CareModel`, model/network.py, with the version's routers, or MoRAM's `MoramModel`,
+model/moram.py, which has none); the `ServingSlot` holds the `ServedVersion` being `served` and swaps newer ones in.
 
 Serving holds a reference to the current `ServedVersion`; a new version is loaded in the background (only its new
 files are read: the resident tensors of earlier tasks are reused) and swapped in with one assignment, so a batch
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model.network import CareModel
+from model.routers import RouterSource
 from registry import Manifest
 from service.inference.acceleration import Acceleration
-from service.modelstore import LoadedTasks, ModelStore, iter_labels, provisional_tasks
+from service.modelstore import NO_ROUTERS, LoadedTasks, ModelStore, ServedNetwork, iter_labels, provisional_tasks
 from service.routers.source import CachedRouters, RouterCache
 
 logger = logging.getLogger(__name__)
@@ -41,11 +41,12 @@ class Prediction:
 
 @dataclass(frozen=True)
 class ServedVersion:
-    """One registry version as served. `network` is None while nothing has been learned (version None)."""
+    """One registry version as served. `network` is None while nothing has been learned (version None); `routers`
+    is None then too, and under a method without routers (MoRAM)."""
 
     version: int | None
     manifest: Manifest | None
-    network: CareModel | None
+    network: ServedNetwork | None
     routers: CachedRouters | None
     labels: tuple[str, ...]
     task_ids: tuple[str, ...]
@@ -71,15 +72,20 @@ class ServedVersion:
     def num_classes(self) -> int:
         return len(self.labels)
 
+    @property
+    def router_source(self) -> RouterSource:
+        """What the network routes through: the version's routers, or `NO_ROUTERS` for a network without any."""
+        return NO_ROUTERS if self.routers is None else self.routers
+
     def probabilities(self, images: Tensor) -> Tensor:
         """(B, C) probabilities over every learned class for preprocessed images (B, 3, H, W)."""
-        if self.network is None or self.routers is None:
+        if self.network is None:
             raise RuntimeError("no classes have been learned yet")
         if self.acceleration is None:
             with torch.inference_mode():
-                return self.network.predict_proba(images, self.routers)
+                return self.network.predict_proba(images, self.router_source)
         with torch.inference_mode(), self.acceleration.autocast():
-            return self.network.predict_proba(self.acceleration.inputs(images), self.routers)
+            return self.network.predict_proba(self.acceleration.inputs(images), self.router_source)
 
     def top(self, probabilities: Tensor, top_k: int) -> list[list[Prediction]]:
         """The `top_k` classes of each row, best first."""
@@ -114,8 +120,8 @@ class SnapshotLoader:
         loaded = self.store.load_tasks(manifest, reuse)
         # Off the request path: the swap must hand requests a network that is ready to serve.
         loaded.bank.prepare_fast_path()
-        network = CareModel(self.store.config, self.store.backbone, loaded.bank, loaded.classifier, loaded.head)
-        routers = CachedRouters(self.store.registry, manifest, self.store.site_dims, self.cache)
+        network = self.store.network(loaded)
+        routers = self.store.routers(manifest, self.cache)
         pairs = list(iter_labels(manifest))
         return ServedVersion(
             version=manifest.version,

@@ -16,14 +16,15 @@ import torch
 from torch import Tensor
 
 from model.head import RIDGE_GRID, AnalyticHead, HeadStatistics
-from model.network import CareModel
 from model.routers import RouterSource
+from service.modelstore import ServedNetwork
 
 CHUNK = 32  # images per forward pass
 
 
-def served_inputs(network: CareModel, routers: RouterSource, images: Tensor) -> Tensor:
-    """The served head's (unscaled) inputs of preprocessed images (N, 3, H, W) through `network`, a normal tensor."""
+def served_inputs(network: ServedNetwork, routers: RouterSource, images: Tensor) -> Tensor:
+    """The served head's (unscaled) inputs of preprocessed images (N, 3, H, W) through `network` (CaRE's or MoRAM's,
+    which ignores `routers`), a normal tensor."""
     if network.head is None:
         raise ValueError("provisional classes need the analytic head")
     rows = []

@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +31,8 @@ from torch import Tensor
 
 from model.backbone import make_transform
 from model.head import HeadStatistics
-from model.network import CareModel
+from model.moram import MoramTask, bank_with, learn_moram_task, served_moram_inputs
+from model.routers import RouterSource
 from model.trainer import LearnedTask, Lineage, TrainProgress, embed_images, learn_task, served_features
 from registry import Manifest
 from registry.owner import process_alive
@@ -41,17 +43,22 @@ from service.ingest.limits import upload_limits
 from service.jobs import JobRecord, TaskNotFound, make_owner_id
 from service.jobs.db import process_namespace
 from service.modelstore import (
+    NO_ROUTERS,
     LoadedTasks,
     ModelStore,
     NewTask,
     ProvisionalHead,
     ProvisionalTask,
+    ServedNetwork,
     open_registry,
     provisional_tasks,
 )
-from service.routers.source import CachedRouters, new_router_cache
+from service.routers.source import new_router_cache
 from service.settings import Settings
 from service.training.provisional import add_classes, rebuild, served_inputs
+
+# A learned task and how the version that adds it reads images (`embed_images` output -> the served head's inputs).
+Learned = tuple[LearnedTask | MoramTask, Callable[[Tensor], Tensor]]
 
 logger = logging.getLogger(__name__)
 
@@ -220,20 +227,10 @@ class TrainingWorker:
     def _train_and_publish(self, job: JobRecord, manifest: Manifest | None) -> tuple[Manifest, dict[str, Any]]:
         classes = list(job.classes)
         tensor, targets = self._task_tensors(job.task_id, classes)
-        lineage = self._lineage(manifest)
-        learned = learn_task(
-            self.backbone,
-            self.config,
-            self.settings.training(),
-            lineage,
-            tensor,
-            targets,
-            len(classes),
-            progress=lambda p: self._progress(job.task_id, p),
-        )
+        learned, served = self._learn(job.task_id, manifest, tensor, targets, len(classes))
         self._check_running()
         metrics = {key: round(value, 4) for key, value in learned.metrics.items()}
-        parent, provisional = self._still_provisional(manifest, lineage, learned, job.task_id)
+        parent, provisional = self._still_provisional(manifest, learned, served, job.task_id)
         self._check_running()
         new_manifest = self.store.publish(
             parent,
@@ -245,17 +242,39 @@ class TrainingWorker:
             self._served_statistics = (new_manifest.version, provisional.statistics)
         return new_manifest, metrics
 
+    def _learn(
+        self, task_id: str, manifest: Manifest | None, images: Tensor, labels: Tensor, num_classes: int
+    ) -> Learned:
+        """Learn the task after `manifest` with the configuration's method."""
+        train = self.settings.training()
+
+        def progress(update: TrainProgress) -> None:
+            self._progress(task_id, update)
+
+        if self.config.method == "moram":
+            moram = self.store.load_moram_lineage(manifest, previous=self._loaded)
+            if manifest is not None and moram.bank is not None:
+                self._loaded = (manifest, LoadedTasks(moram.bank, moram.classifier))  # the head is re-read per version
+            task = learn_moram_task(
+                self.backbone, self.config, train, moram, images, labels, num_classes, progress=progress
+            )
+            bank = bank_with(moram.bank, task.atoms, self.config.moram_rank)
+            return task, lambda hidden: served_moram_inputs(self.backbone, self.config, bank, task.classifier, hidden)
+        lineage = self._lineage(manifest)
+        learned = learn_task(self.backbone, self.config, train, lineage, images, labels, num_classes, progress=progress)
+        return learned, lambda hidden: served_features(self.backbone, self.config, lineage, learned, hidden)
+
     # -- provisional versions ---------------------------------------------------------------------------------
 
     def _provisional_enabled(self) -> bool:
         return self.settings.provisional and self.config.head == "analytic"
 
-    def _served(self, manifest: Manifest) -> tuple[CareModel, CachedRouters, LoadedTasks]:
+    def _served(self, manifest: Manifest) -> tuple[ServedNetwork, RouterSource, LoadedTasks]:
         """`manifest` as servers serve it (its bank is shared with the training lineage when the tasks agree)."""
         loaded = self.store.load_tasks(manifest, previous=self._loaded)
         self._loaded = (manifest, loaded)
-        network = CareModel(self.config, self.backbone, loaded.bank, loaded.classifier, loaded.head)
-        return network, CachedRouters(self.registry, manifest, self.store.site_dims, self.cache), loaded
+        routers = self.store.routers(manifest, self.cache)
+        return self.store.network(loaded), NO_ROUTERS if routers is None else routers, loaded
 
     def _statistics_of(self, manifest: Manifest) -> HeadStatistics:
         if self._served_statistics is None or self._served_statistics[0] != manifest.version:
@@ -337,7 +356,11 @@ class TrainingWorker:
         return published
 
     def _still_provisional(
-        self, manifest: Manifest | None, lineage: Lineage, learned: LearnedTask, trained_id: str
+        self,
+        manifest: Manifest | None,
+        learned: LearnedTask | MoramTask,
+        served: Callable[[Tensor], Tensor],
+        trained_id: str,
     ) -> tuple[Manifest | None, ProvisionalHead | None]:
         """The parent to publish a trained task on, and the provisional tasks re-embedded through the new version.
 
@@ -363,7 +386,7 @@ class TrainingWorker:
                         pending.task_id, pending.classes, self.settings.provisional_images_per_class
                     )
                     hidden = embed_images(self.backbone, images.contiguous(memory_format=torch.channels_last))
-                    inputs = served_features(self.backbone, self.config, lineage, learned, hidden)
+                    inputs = served(hidden)
                 embedded[pending.task_id] = (inputs, labels, len(pending.classes))
                 self._maybe_make_provisional()
         if not remaining:
