@@ -16,6 +16,8 @@ Methods:
 * ``head-frozen``: the served analytic head on the frozen backbone's features, no experts (what the experts add).
 * ``simplecil``, ``ranpac``: the closed-form baselines on the frozen pooled feature.
 * ``care-m1``: the served configuration with a single router per site (M = 1), an ablation.
+* ``moram``: MoRAM (model/moram.py, `CARE_METHOD=moram` with its default settings) through its trainer
+  (`learn_moram_task_embedded`) and the served analytic head, on the served backbone and training budget; no routers.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from bench.report import write_json
 from model.backbone import WEIGHTS_BUNDLED, SiteBackbone, build_backbone, bundled_weights_available, make_transform
 from model.config import ModelConfig, TrainConfig
 from model.head import AnalyticHead, HeadStatistics, block_scales, head_inputs, solve_head
+from model.moram import MoramLineage, MoramModel, advance_moram, learn_moram_task_embedded
 from model.network import CareModel, run_sites
 from model.trainer import Lineage, advance, embed_images, head_block_dims, learn_task_embedded
 from service.settings import Settings
@@ -202,6 +205,54 @@ class FrozenHeadMethod:
         return {}
 
 
+class MoramMethod:
+    """MoRAM through the trainer and the served network the worker and the server use under `CARE_METHOD=moram`."""
+
+    def __init__(self, name: str, backbone: SiteBackbone, config: ModelConfig, train: TrainConfig) -> None:
+        self.name = name
+        self.backbone, self.config, self.train = backbone, config, train
+        self.lineage = MoramLineage.empty(backbone.feature_dim)
+        self.offset = 0
+        self.task_seconds: list[float] = []
+
+    def learn(self, data: TaskData, num_classes: int) -> None:
+        local = data.labels - self.offset
+        learned = learn_moram_task_embedded(
+            self.backbone, self.config, self.train, self.lineage, data.embedded, local, num_classes
+        )
+        self.task_seconds.append(learned.metrics["seconds"])
+        self.lineage = advance_moram(self.lineage, learned, self.config.moram_rank)
+        self.offset += num_classes
+
+    def predict(self, data: TaskData) -> Tensor:
+        lineage = self.lineage
+        assert lineage.bank is not None
+        model = MoramModel(self.config, self.backbone, lineage.bank, lineage.classifier, lineage.head)
+        return torch.cat(
+            [
+                model.scores(model.head_inputs_from_embedding(data.embedded[i : i + CHUNK])).argmax(dim=1)
+                for i in range(0, len(data.embedded), CHUNK)
+            ]
+        )
+
+    def state_bytes(self) -> int:
+        lineage = self.lineage
+        tensors = [lineage.classifier]
+        if lineage.head_statistics is not None and lineage.head is not None:
+            tensors += [*lineage.head_statistics.to_tensors().values(), *lineage.head.to_tensors().values()]
+        if lineage.bank is not None:
+            tensors += [t for site in lineage.bank.sites for t in (site.atoms.keys, site.atoms.values)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def details(self) -> dict[str, Any]:
+        bank = self.lineage.bank
+        return {
+            "task_train_seconds": [round(seconds, 2) for seconds in self.task_seconds],
+            "atoms_per_site": 0 if bank is None else bank.num_atoms,
+            "moram_config": {key: value for key, value in self.config.to_dict().items() if key.startswith("moram_")},
+        }
+
+
 class CareMethod:
     """CaRE through the service's own trainer; routers stay in memory."""
 
@@ -353,7 +404,7 @@ class _Encoder:
         return TaskData(torch.cat(embedded), torch.cat(features), torch.cat(inputs), labels)
 
 
-METHOD_NAMES = (SERVED, "care-reference", "head-frozen", "simplecil", "ranpac", "care-m1")
+METHOD_NAMES = (SERVED, "care-reference", "head-frozen", "simplecil", "ranpac", "care-m1", "moram")
 
 
 def build_methods(
@@ -376,6 +427,8 @@ def build_methods(
         elif name == "care-m1":
             # Ablation: a single router per site (M = 1) instead of CaRE's two.
             methods.append(CareMethod(name, backbone, dataclasses.replace(config, top_routers=1), train))
+        elif name == "moram":
+            methods.append(MoramMethod(name, backbone, dataclasses.replace(config, method="moram"), train))
         else:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
     return methods

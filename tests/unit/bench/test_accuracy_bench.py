@@ -95,3 +95,27 @@ def test_presets_run_what_the_worker_serves_by_default() -> None:
             continue
         assert preset.model_config() == Settings().model()
         assert preset.train_config() == Settings().training()
+
+
+def test_accuracy_bench_runs_moram_on_a_tiny_stream() -> None:
+    """`care-bench accuracy --methods moram`: MoRAM's trainer and served head, no routers (issue 15)."""
+    assert build_parser().parse_args(["accuracy", "--methods", "moram"]).methods.split(",") == ["moram"]
+    preset = Preset(
+        "digits5",
+        backbone="test_vit",
+        image_size=32,
+        train_per_class=8,
+        test_per_class=4,
+        num_tasks=2,
+        train=TrainConfig(epochs=1, batch_size=8, min_steps=2),
+    )
+    result = run(preset, ["moram", "simplecil"])
+    moram = result["methods"]["moram"]
+    stages = moram["accuracy"]["stages"]
+    assert len(stages) == 2 and all(0.0 <= stage["overall"] <= 1.0 for stage in stages)
+    assert len(moram["task_train_seconds"]) == 2 and moram["learn_seconds"] > 0
+    # Every task adds moram_rank atoms at every site; the recorded settings are MoRAM's defaults.
+    assert moram["moram_config"]["moram_rank"] == 16 and moram["atoms_per_site"] == 2 * 16
+    assert moram["state_bytes"] > 0
+    # Its own first task's test images are not all wrong (4 classes, chance 0.25 after two tasks).
+    assert stages[0]["overall"] > 0.5
