@@ -12,6 +12,9 @@ Checked:
   /model says; every alert rule evaluates and every dashboard query parses;
 * of two workers only the lease holder ever trains: trainings never overlap and each version adds exactly one task;
   after the holder is killed with SIGKILL the other worker takes the lineage over and trains the next task.
+
+The whole topology runs twice: with the job database in the data directory (SQLite, the default) and on a
+PostgreSQL server on loopback (CARE_JOBS_URL, tests/postgres.py; skipped where it is not installed).
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ class Server:
 @dataclass
 class Stack:
     data_dir: Path
+    jobs_db: Path | str  # the SQLite file, or the postgresql:// URL
     servers: list[Server]
     workers: list[Process]
     prometheus: Process
@@ -110,7 +114,7 @@ class Stack:
         return "\n".join(p.tail() for p in self.processes)
 
     def jobs(self) -> JobStore:
-        return JobStore(self.data_dir / "jobs.sqlite3", self.data_dir / "uploads")
+        return JobStore(self.jobs_db, self.data_dir / "uploads")
 
 
 def readonly_mount_prefix(directory: Path) -> list[str] | None:
@@ -141,14 +145,27 @@ def prometheus_config(targets: list[str], path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"], ids=["jobs-sqlite", "jobs-postgresql"])
+def jobs_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """CARE_JOBS_URL of the stack: None (the data directory's SQLite file), or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield None
+        return
+    with request.getfixturevalue("postgres").database() as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, jobs_url: str | None) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("topology")
     data_dir, logs = base / "data", base / "logs"
     (data_dir / "registry").mkdir(parents=True)
     logs.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARE_")}
     env.update(COMMON_ENV, CARE_DATA_DIR=str(data_dir))
+    if jobs_url is not None:
+        env["CARE_JOBS_URL"] = jobs_url
+    jobs_db = jobs_url if jobs_url is not None else data_dir / "jobs.sqlite3"
     server_env = {**env, "CARE_RUN_WORKER": "false"}
     readonly = readonly_mount_prefix(data_dir / "registry")
 
@@ -179,7 +196,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         processes.append(prometheus)
         stack = Stack(
-            data_dir, servers, workers, prometheus, f"http://127.0.0.1:{prometheus_port}", readonly is not None
+            data_dir, jobs_db, servers, workers, prometheus, f"http://127.0.0.1:{prometheus_port}", readonly is not None
         )
         stack.processes = processes
         for server in servers:
