@@ -52,7 +52,9 @@ def trainer_state(worker: TrainingWorker, version: int, prefix: str) -> HeadStat
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
-    return updated(settings, provisional=True)
+    # The tests drive the worker by hand, so nothing renews its lease: it must outlast a test on a loaded machine
+    # (at the default 30 s, the second claim found the lease expired and returned None while other work ran).
+    return updated(settings, provisional=True, worker_lease_ttl_s=3600)
 
 
 @pytest.fixture
