@@ -82,6 +82,7 @@ bench-accuracy-glyphs300: $(STAMP) apt-deps
 bench-accuracy-one-class: $(STAMP) apt-deps
 	$(BIN)/care-bench accuracy --stream fmnist10x1
 	$(BIN)/care-bench accuracy --stream glyphs20x1
+	$(BIN)/care-bench accuracy --stream glyphs100x1
 
 bench-serve: $(STAMP)
 	$(BIN)/care-bench serve

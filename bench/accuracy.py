@@ -114,6 +114,10 @@ PRESETS: dict[str, Preset] = {
     "glyphs100": Preset("glyphs100", train_per_class=6, test_per_class=3, num_tasks=15),
     "glyphs300": Preset("glyphs300", train_per_class=6, test_per_class=3, num_tasks=30),
     "glyphs20x1": Preset("glyphs300", train_per_class=6, test_per_class=3, num_tasks=20, classes_per_task=1),
+    # One class a task for 100 tasks: level-1 routing and the head over a long stream of one-class uploads.
+    "glyphs100x1": Preset("glyphs300", train_per_class=6, test_per_class=3, num_tasks=100, classes_per_task=1),
+    # All ten classes as one task: the joint (non-incremental) ceiling of fmnist5's data, not a continual stream.
+    "fmnist-joint": Preset("fmnist5", train_per_class=100, test_per_class=100, num_tasks=1, classes_per_task=10),
     "tiny": Preset("glyphs-tiny", image_size=64),
 }
 
@@ -327,6 +331,64 @@ class CareMethod:
         }
 
 
+class FirstSessionMethod:
+    """Issue 11's attempt at experts that help without drift: first-session adaptation (RanPAC/APER's recipe) on
+    CaRE's experts. The first task trains its experts with a non-zero output scale (`first_scale`); afterwards no
+    experts are trained and every image, old or new, is read through that one task's experts, so the features the
+    head's statistics were taken on never move. `with_frozen` appends the frozen head inputs (the head can only
+    gain from the adapted block). Not the served method: an experiment measured side by side."""
+
+    def __init__(
+        self,
+        name: str,
+        backbone: SiteBackbone,
+        config: ModelConfig,
+        train: TrainConfig,
+        first_scale: float,
+        with_frozen: bool,
+    ) -> None:
+        self.name = name
+        self.backbone, self.config = backbone, config
+        self.train = dataclasses.replace(train, expert_scale_init=first_scale)
+        self.with_frozen = with_frozen
+        dims = head_block_dims(backbone)
+        self.head_method = FrozenHeadMethod(name, [*dims, *dims] if with_frozen else dims, train)
+        self.network: CareModel | None = None
+        self.lineage: Lineage | None = None
+
+    def _inputs(self, data: TaskData) -> TaskData:
+        assert self.network is not None and self.lineage is not None
+        network, routers = self.network, self.lineage.routers
+        adapted = torch.cat(
+            [
+                head_inputs(*network.features_and_site_vectors(data.embedded[i : i + CHUNK], routers)).clone()
+                for i in range(0, len(data.embedded), CHUNK)
+            ]
+        )
+        inputs = torch.cat([data.head_inputs, adapted], dim=1) if self.with_frozen else adapted
+        return dataclasses.replace(data, head_inputs=inputs)
+
+    def learn(self, data: TaskData, num_classes: int) -> None:
+        if self.network is None:
+            lineage = Lineage.empty(self.backbone.feature_dim)
+            learned = learn_task_embedded(
+                self.backbone, self.config, self.train, lineage, data.embedded, data.labels, num_classes
+            )
+            self.lineage = advance(lineage, learned, self.backbone.site_dims, self.config)
+            assert self.lineage.bank is not None
+            self.network = CareModel(self.config, self.backbone, self.lineage.bank, self.lineage.classifier)
+        self.head_method.learn(self._inputs(data), num_classes)
+
+    def predict(self, data: TaskData) -> Tensor:
+        return self.head_method.predict(self._inputs(data))
+
+    def state_bytes(self) -> int:
+        return self.head_method.state_bytes()
+
+    def details(self) -> dict[str, Any]:
+        return {"first_scale": self.train.expert_scale_init, "with_frozen": self.with_frozen}
+
+
 class PeakRss:
     """Samples this process's resident memory every 50 ms while running (the peak of a method's calls)."""
 
@@ -404,7 +466,17 @@ class _Encoder:
         return TaskData(torch.cat(embedded), torch.cat(features), torch.cat(inputs), labels)
 
 
-METHOD_NAMES = (SERVED, "care-reference", "head-frozen", "simplecil", "ranpac", "care-m1", "moram")
+METHOD_NAMES = (
+    SERVED,
+    "care-reference",
+    "head-frozen",
+    "simplecil",
+    "ranpac",
+    "care-m1",
+    "moram",
+    "first-session",
+    "first-session+frozen",
+)
 
 
 def build_methods(
@@ -427,6 +499,9 @@ def build_methods(
         elif name == "care-m1":
             # Ablation: a single router per site (M = 1) instead of CaRE's two.
             methods.append(CareMethod(name, backbone, dataclasses.replace(config, top_routers=1), train))
+        elif name in ("first-session", "first-session+frozen"):
+            scale = train.expert_scale_init or 1.0
+            methods.append(FirstSessionMethod(name, backbone, config, train, scale, name.endswith("+frozen")))
         elif name == "moram":
             methods.append(MoramMethod(name, backbone, dataclasses.replace(config, method="moram"), train))
         else:

@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
         "accuracy", help="the served classifier against CaRE, SimpleCIL and RanPAC on a class-incremental stream"
     )
     accuracy.add_argument(
-        "--stream", default="fmnist5", help="preset: fmnist5, fmnist10x1, glyphs100, glyphs300, glyphs20x1, tiny"
+        "--stream",
+        default="fmnist5",
+        help="preset: fmnist5, fmnist10x1, glyphs100, glyphs300, glyphs20x1, glyphs100x1, fmnist-joint, tiny",
     )
     accuracy.add_argument(
         "--methods",

@@ -58,6 +58,11 @@ def test_accuracy_bench_runs_every_method_on_a_tiny_stream(tmp_path: Path) -> No
     # The frozen head keeps its statistics: a D' x D' Gram matrix of float64 (test_vit: phi and every block, 64 each).
     assert result["methods"]["head-frozen"]["state_bytes"] >= 8 * (2 * 64) ** 2
     assert len(result["methods"]["ranpac"]["selected_ridges"]) == 2
+    # First-session adaptation: the first task's experts at scale 1; "+frozen" reads both inputs (a 4x Gram matrix).
+    first, both = result["methods"]["first-session"], result["methods"]["first-session+frozen"]
+    assert first["first_scale"] == both["first_scale"] == 1.0
+    assert (first["with_frozen"], both["with_frozen"]) == (False, True)
+    assert both["state_bytes"] > 3 * first["state_bytes"]
     # Nearest-prototype on the classes it has seen: at least the first task's own test images are not all wrong.
     assert result["methods"]["simplecil"]["accuracy"]["stages"][0]["overall"] > 0.5
 
