@@ -49,7 +49,7 @@ from model.backbone import SiteBackbone, SiteFn
 from model.classifier import class_probabilities, cosine_logits
 from model.config import ModelConfig, TrainConfig
 from model.head import AnalyticHead, HeadStatistics, head_inputs
-from model.network import run_sites
+from model.network import _float32, run_sites
 from model.routers import RouterSource
 from model.trainer import EMBED_CHUNK, ProgressFn, TrainProgress, embed_images, extend_analytic_head
 
@@ -353,14 +353,18 @@ class MoramModel:
         return features if self.head is None else head_inputs(features, vectors)
 
     def scores(self, inputs: Tensor) -> Tensor:
-        if self.head is not None:
-            return self.head.scores(inputs)
-        return self.config.cosine_scale * cosine_logits(inputs, self.classifier)
+        """The served head's scores (B, C); in float32 even under a caller's bf16 autocast, as CaRE's."""
+        with _float32(inputs) as inputs32:
+            if self.head is not None:
+                return self.head.scores(inputs32)
+            return self.config.cosine_scale * cosine_logits(inputs32, self.classifier)
 
     def probabilities(self, inputs: Tensor) -> Tensor:
-        if self.head is not None:
-            return self.head.probabilities(inputs)
-        return class_probabilities(cosine_logits(inputs, self.classifier), self.config.cosine_scale)
+        """The served head's probabilities (B, C); in float32 even under a caller's bf16 autocast, as CaRE's."""
+        with _float32(inputs) as inputs32:
+            if self.head is not None:
+                return self.head.probabilities(inputs32)
+            return class_probabilities(cosine_logits(inputs32, self.classifier), self.config.cosine_scale)
 
     @torch.inference_mode()
     def logits(

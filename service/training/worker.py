@@ -83,6 +83,9 @@ class TrainingWorker:
         self.device = settings.torch_device()
         self.registry = open_registry(settings)
         self.store = ModelStore(self.registry, self.config, self.backbone, self.device)
+        latest = self.registry.latest_manifest()
+        if latest is not None:
+            self.store.check(latest)  # as a server: refuse a registry of another backbone, configuration or method
         self.jobs = open_job_store(settings)  # a start-up sweep; deletes uploads once ready unless CARE_KEEP_UPLOADS
         self.cache = new_router_cache(self.device, settings.router_cache_bytes, settings.router_host_cache_bytes)
         self.preprocess = Preprocessor(

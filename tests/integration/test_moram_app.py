@@ -70,10 +70,12 @@ def test_moram_tasks_are_trained_served_and_reloaded_from_the_registry(
         for label, score in before.items():
             assert after[label] == pytest.approx(score, abs=1e-5)
 
-    # A CaRE server refuses the MoRAM registry at start-up, naming the method.
+    # A CaRE server, or worker, refuses the MoRAM registry at start-up, naming the method.
     care = updated(settings, method="care", moram_rank=16, moram_top_k=16)
     with pytest.raises(IncompatibleArtifact, match='method: registry has "moram"'):
         client_factory(care)
+    with pytest.raises(IncompatibleArtifact, match='method: registry has "moram"'):
+        TrainingWorker(care)
 
 
 def test_moram_tasks_are_provisional_before_training_with_features_from_the_moram_network(

@@ -181,6 +181,11 @@ def test_a_model_serves_every_class_and_its_fast_path_is_its_reference(backbone:
     plain = MoramModel(config, backbone, zero, classifier).head_inputs_from_embedding(backbone.embed(images))
     torch.testing.assert_close(plain, backbone.forward_plain(images))
     assert not torch.allclose(model.head_inputs_from_embedding(backbone.embed(images)), plain)
+    # The head stays in float32 under the GPU path's bf16 autocast (CPU autocast here), as CaRE's does.
+    inputs = model.head_inputs_from_embedding(backbone.embed(images))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.scores(inputs).dtype == model.probabilities(inputs).dtype == torch.float32
+        torch.testing.assert_close(model.scores(inputs), model.scores(inputs.float()))
 
 
 def test_a_bank_refuses_ragged_sites_and_partial_tasks(backbone: SiteBackbone) -> None:
