@@ -64,7 +64,7 @@ from registry.manifest import FileRecord, parse_manifest
 from registry.owner import owner_tag
 from registry.paths import CURRENT_FILE, MANIFEST_DIR, manifest_path, validate_relpath
 
-__all__ = ["S3Backend", "parse_s3_url"]
+__all__ = ["S3Backend", "make_client", "parse_s3_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class S3Backend:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
-        self.client = client if client is not None else _make_client(endpoint_url)
+        self.client = client if client is not None else make_client(endpoint_url)
         self.cache_root = Path(cache_dir).resolve() / bucket / (self.prefix or "_root")
         self._temp_dir = self.cache_root / ".tmp"
         self._temp_dir.mkdir(parents=True, exist_ok=True)
@@ -515,7 +515,8 @@ class S3Backend:
         return removed
 
 
-def _make_client(endpoint_url: str | None) -> Any:
+def make_client(endpoint_url: str | None) -> Any:
+    """A boto3 S3 client: standard retries, path-style addressing when ``endpoint_url`` names a non-AWS store."""
     options: dict[str, Any] = {"retries": {"max_attempts": 5, "mode": "standard"}}
     if endpoint_url:
         options["s3"] = {"addressing_style": "path"}  # MinIO and Ceph serve buckets by path

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from registry import LocalDirectoryBackend
 from service.jobs import JobStore
+from service.jobs.store import open_upload_store
 from service.jobs.uploads import STAGING_PREFIX
 from service.settings import Settings
 
@@ -115,7 +116,12 @@ def sweep(settings: Settings, jobs: JobStore) -> SweepResult:
 
 def open_job_store(settings: Settings) -> JobStore:
     """The job store of a worker: it deletes uploads of tasks it marks ready (unless kept), after a start-up sweep."""
-    jobs = JobStore(settings.jobs_database, settings.uploads_dir, keep_uploads=settings.keep_uploads)
+    jobs = JobStore(
+        settings.jobs_database,
+        settings.uploads_dir,
+        keep_uploads=settings.keep_uploads,
+        shared_uploads=open_upload_store(settings.registry_url, settings.registry_endpoint_url),
+    )
     result = sweep(settings, jobs)
     logger.info("start-up sweep: %s", result)
     return jobs

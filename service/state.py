@@ -21,6 +21,7 @@ from service.inference.preprocess import Preprocessor, PreprocessPool, default_w
 from service.inference.snapshot import ServedVersion, ServingSlot, SnapshotLoader
 from service.ingest.limits import UploadLimits, upload_limits
 from service.jobs import JobStore
+from service.jobs.store import open_upload_store
 from service.metrics import JobSnapshot, Metrics
 from service.modelstore import ModelStore, open_registry
 from service.routers.source import RouterCache, new_router_cache
@@ -84,7 +85,8 @@ def build_state(settings: Settings) -> AppState:
     acceleration = Acceleration.from_settings(settings)
     acceleration.prepare(backbone)
     registry = open_registry(settings)
-    jobs = JobStore(settings.jobs_database, settings.uploads_dir)
+    uploads = open_upload_store(settings.registry_url, settings.registry_endpoint_url)
+    jobs = JobStore(settings.jobs_database, settings.uploads_dir, shared_uploads=uploads)
     holder: dict[str, Metrics] = {}
     cache = new_router_cache(
         device,

@@ -43,6 +43,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from registry.owner import owner_tag
 from service.jobs.database import Connection, JobDatabase
 from service.jobs.db import (
     STATUSES,
@@ -68,7 +69,9 @@ from service.jobs.errors import (
     TaskNotFound,
     UploadCorrupt,
 )
+from service.jobs.shared_uploads import LocalUploads, UploadStore
 from service.jobs.uploads import (
+    MANIFEST_NAME,
     STAGING_PREFIX,
     publish_staged,
     read_upload,
@@ -92,6 +95,7 @@ __all__ = [
     "UploadCorrupt",
     "make_owner_id",
     "open_database",
+    "open_upload_store",
     "request_fingerprint",
 ]
 
@@ -127,6 +131,18 @@ def open_database(target: Path | str, busy_timeout_s: float) -> JobDatabase:
     return SQLiteDatabase(Path(target), busy_timeout_s)
 
 
+def open_upload_store(registry_url: str | None, endpoint_url: str | None = None) -> UploadStore:
+    """The upload store that goes with the registry: ``S3Uploads`` in its bucket when it is on S3, else none.
+
+    boto3 (the ``s3`` extra) is imported only when it is used.
+    """
+    if registry_url is None:
+        return LocalUploads()
+    from service.jobs.s3_uploads import S3Uploads
+
+    return S3Uploads.from_url(registry_url, endpoint_url=endpoint_url)
+
+
 class JobStore:
     """Durable task queue, task states, uploads and worker leases, shared by the server and worker processes.
 
@@ -141,6 +157,9 @@ class JobStore:
         clock: Wall-clock time in seconds since the epoch, for timestamps and lease expiry (tests pass a fake).
         keep_uploads: Keep a task's upload once it is marked ready; when False (the service's default,
             ``CARE_KEEP_UPLOADS``) ``mark_ready`` deletes it, since nothing reads it again.
+        shared_uploads: Where uploads are also stored for workers on other hosts (shared_uploads.py): the default
+            ``LocalUploads`` stores nothing beyond ``uploads_dir``; ``S3Uploads`` puts each upload to the bucket
+            before its row is committed, and ``load_upload`` reads it from there when ``uploads_dir`` lacks it.
     """
 
     def __init__(
@@ -151,9 +170,11 @@ class JobStore:
         busy_timeout_s: float = 30.0,
         clock: Callable[[], float] = time.time,
         keep_uploads: bool = True,
+        shared_uploads: UploadStore | None = None,
     ) -> None:
         self.uploads_dir = Path(uploads_dir)
         self.keep_uploads = keep_uploads
+        self.shared_uploads = shared_uploads if shared_uploads is not None else LocalUploads()
         self._clock = clock
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
         self._db = open_database(db, busy_timeout_s)
@@ -217,13 +238,19 @@ class JobStore:
         check_admission(self._conn(), classes, max_queued)
         staging = stage_upload(self.uploads_dir, images, labels, classes)
         final: Path | None = None
+        shared_id: str | None = None  # the task id an upload was put to the shared store under
         try:
+            if self.shared_uploads.shared:
+                # Outside the transaction (a slow network write must not hold the database's locks), under an id
+                # chosen now; the row is committed only after the put returned, so a 202 is sent only then.
+                shared_id = new_task_id(self._conn(), self.uploads_dir)
+                self.shared_uploads.put(shared_id, staging)
             with self._write() as conn:
                 self._db.lock(conn, "uploads_shared")  # keeps sweep_staging out until this row is committed
                 winner = None if idempotency_key is None else self._by_key(conn, idempotency_key, fingerprint)
                 if winner is None:
                     pending = check_admission(conn, classes, max_queued)
-                    task_id = new_task_id(conn, self.uploads_dir)
+                    task_id = shared_id if shared_id is not None else new_task_id(conn, self.uploads_dir)
                     final = self.uploads_dir / task_id
                     publish_staged(staging, final)
                     row = (task_id, name, json.dumps(classes), len(images), iso(self._clock()), idempotency_key)
@@ -242,6 +269,8 @@ class JobStore:
             remove_tree(staging)  # a no-op once renamed
             if final is not None:
                 self._discard_unless_committed(final)
+            elif shared_id is not None:  # no row can name it
+                self._delete_shared(shared_id)
             if not isinstance(exc, self._db.unique_violation):
                 raise
             # A concurrent submit committed this idempotency key or one of these labels first, and the constraint
@@ -249,6 +278,8 @@ class JobStore:
             return self._lost_race(exc, classes, idempotency_key, fingerprint)
         if winner is not None:  # a concurrent retry with the same key committed first
             remove_tree(staging)
+            if shared_id is not None:
+                self._delete_shared(shared_id)
             return winner
         logger.info(
             "task %s queued: %d classes, %d images, position %d", task_id, len(classes), len(images), result.position
@@ -287,6 +318,20 @@ class JobStore:
             return
         if row is None:
             retire(final)
+            if self.shared_uploads.shared:
+                self._delete_shared(final.name)
+
+    def _delete_shared(self, task_id: str) -> None:
+        """Delete an upload from the shared store; a failure is logged (``sweep_staging`` and the ready sweep retry)."""
+        try:
+            self.shared_uploads.delete(task_id)
+        except Exception:
+            logger.warning(
+                "could not delete the upload of %s from %r; a sweep retries",
+                task_id,
+                self.shared_uploads,
+                exc_info=True,
+            )
 
     def known_labels(self) -> set[str]:
         """Labels of every queued, training or ready task (those a new task may not use)."""
@@ -326,7 +371,26 @@ class JobStore:
         """
         task_dir = self._task_dir(task_id)
         self.get(task_id)
+        if self.shared_uploads.shared and not task_dir.exists():
+            self._fetch_shared(task_id, task_dir)
         return read_upload(task_dir, task_id)
+
+    def _fetch_shared(self, task_id: str, task_dir: Path) -> None:
+        """Copy an upload this host does not have from the shared store into ``task_dir`` (staged, then renamed)."""
+        staging = self.uploads_dir / f"{STAGING_PREFIX}{owner_tag()}-{secrets.token_hex(8)}"
+        staging.mkdir()
+        try:
+            if not self.shared_uploads.fetch(task_id, staging):
+                raise UploadCorrupt(
+                    task_id, MANIFEST_NAME, f"in neither {self.uploads_dir} nor {self.shared_uploads!r}"
+                )
+            try:
+                publish_staged(staging, task_dir)
+            except OSError:  # another thread of this host fetched it first
+                if not task_dir.exists():
+                    raise
+        finally:
+            remove_tree(staging)  # a no-op once renamed
 
     def delete_upload(self, task_id: str) -> None:
         """Delete the stored upload of a finished (ready or failed) task; raises InvalidTransition if pending."""
@@ -335,6 +399,8 @@ class JobStore:
         if record.status in ("queued", "training"):
             raise InvalidTransition(task_id, "delete the upload of", f"it is {record.status} and still needs it")
         retire(task_dir)
+        if self.shared_uploads.shared:
+            self.shared_uploads.delete(task_id)
 
     def delete_ready_uploads(self) -> int:
         """Delete the stored uploads of ready tasks (those ``mark_ready`` kept, or lost to a crash right after it).
@@ -349,6 +415,13 @@ class JobStore:
             row = self._conn().execute("SELECT status FROM tasks WHERE task_id = ?", (path.name,)).fetchone()
             if row is not None and row["status"] == "ready":  # no row: a submit in flight, or sweep_staging's
                 retire(path)
+                deleted += 1
+        for task_id in self.shared_uploads.stored():
+            if not _TASK_ID.fullmatch(task_id):
+                continue
+            row = self._conn().execute("SELECT status FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if row is not None and row["status"] == "ready":
+                self.shared_uploads.delete(task_id)
                 deleted += 1
         if deleted:
             logger.info("deleted the uploads of %d ready task(s)", deleted)
@@ -382,6 +455,16 @@ class JobStore:
                         orphans.append(trash)
         for trash in orphans:
             remove_tree(trash)
+        # Shared objects are put before their row exists, outside any lock: only age tells a submit in flight apart.
+        cutoff = time.time() - older_than_s  # object times are wall-clock time, whatever clock the store uses
+        for task_id, newest in self.shared_uploads.stored().items():
+            if (
+                newest < cutoff
+                and _TASK_ID.fullmatch(task_id)
+                and self._conn().execute("SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)).fetchone() is None
+            ):
+                self.shared_uploads.delete(task_id)
+                removed += 1
         if removed or orphans:
             logger.info("swept %d staging and %d orphan upload directories", removed, len(orphans))
         return removed + len(orphans)
@@ -534,6 +617,8 @@ class JobStore:
                 retire(self._task_dir(task_id))
             except OSError:
                 logger.warning("could not delete the upload of %s; the next sweep retries", task_id, exc_info=True)
+            if self.shared_uploads.shared:
+                self._delete_shared(task_id)
 
     def mark_failed(self, task_id: str, error: str, *, owner: str | None = None) -> None:
         """Record that a queued or training task failed; its labels become free again."""
