@@ -13,8 +13,13 @@ Checked:
 * of two workers only the lease holder ever trains: trainings never overlap and each version adds exactly one task;
   after the holder is killed with SIGKILL the other worker takes the lineage over and trains the next task.
 
-The whole topology runs twice: with the job database in the data directory (SQLite, the default) and on a
-PostgreSQL server on loopback (CARE_JOBS_URL, tests/postgres.py; skipped where it is not installed).
+The whole topology runs three times: with the job database in the data directory (SQLite, the default), on a
+PostgreSQL server on loopback (CARE_JOBS_URL, tests/postgres.py; skipped where it is not installed), and on
+PostgreSQL with the registry in a bucket of moto's S3 server on loopback (CARE_REGISTRY_URL, tests/moto_s3.py) and a
+data directory of its own for every process: the only state they share is the database and the bucket, so every
+task a worker trains was read from the bucket (uploads included). That variant also kills the lease holder with
+SIGKILL while it trains, as seen from a worker on "another host" (its host name differs, so it cannot see that the
+holder's pid is gone): the task is taken over once the holder's lease expires and trained again, nothing lost.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ from bench.datasets import Task, make_stream, png_bytes
 from bench.harness import CARE_SERVE, Process, free_port, start, wait_task, wait_until
 from registry import Registry
 from service.jobs import JobRecord, JobStore
+from service.jobs.store import open_upload_store
+from tests.moto_s3 import CREDENTIALS, moto_s3_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -54,6 +61,7 @@ POLL_INTERVAL_S = 0.5
 # Reading a new version's files, verifying their hashes and swapping it in, on a loaded 2-core machine.
 LOAD_MARGIN_S = 3.0
 LEASE_TTL_S = 60.0
+S3_LEASE_TTL_S = 30.0  # the S3 variant waits for one lease expiry (the holder killed mid-task)
 STARTUP_TIMEOUT_S = 150.0
 TRAIN_TIMEOUT_S = 180.0
 SCRAPE_TIMEOUT_S = 60.0
@@ -99,22 +107,60 @@ class Server:
         return f"127.0.0.1:{self.port}"
 
 
+@dataclass(frozen=True)
+class Backends:
+    """Where the stack keeps its state: the job database and the registry (None: in the shared data directory)."""
+
+    jobs_url: str | None = None
+    registry_url: str | None = None  # s3://bucket/prefix: then every process has a data directory of its own
+    endpoint_url: str | None = None
+
+    def env(self) -> dict[str, str]:
+        env = {} if self.jobs_url is None else {"CARE_JOBS_URL": self.jobs_url}
+        if self.registry_url is not None and self.endpoint_url is not None:
+            env.update(CREDENTIALS, CARE_REGISTRY_URL=self.registry_url, CARE_REGISTRY_ENDPOINT_URL=self.endpoint_url)
+        return env
+
+
 @dataclass
 class Stack:
-    data_dir: Path
+    data_dir: Path  # the shared data directory; with S3, that of this test process alone
     jobs_db: Path | str  # the SQLite file, or the postgresql:// URL
     servers: list[Server]
     workers: list[Process]
     prometheus: Process
     prometheus_url: str
     readonly_registry: bool
+    backends: Backends = field(default_factory=Backends)
+    env: dict[str, str] = field(default_factory=dict)
+    logs_dir: Path = Path()
+    lease_ttl_s: float = LEASE_TTL_S
     processes: list[Process] = field(default_factory=list)
 
     def logs(self) -> str:
         return "\n".join(p.tail() for p in self.processes)
 
     def jobs(self) -> JobStore:
-        return JobStore(self.jobs_db, self.data_dir / "uploads")
+        shared = open_upload_store(self.backends.registry_url, self.backends.endpoint_url)
+        return JobStore(self.jobs_db, self.data_dir / "uploads", shared_uploads=shared)
+
+    def registry(self) -> Registry:
+        if self.backends.registry_url is None:
+            return Registry.from_path(self.data_dir / "registry")
+        from registry.s3 import S3Backend
+
+        url, endpoint = self.backends.registry_url, self.backends.endpoint_url
+        return Registry(S3Backend.from_url(url, cache_dir=self.data_dir / "registry-cache", endpoint_url=endpoint))
+
+    def process_env(self, name: str) -> dict[str, str]:
+        return process_env(self.env, self.backends, name)
+
+
+def process_env(env: dict[str, str], backends: Backends, name: str) -> dict[str, str]:
+    """The environment of process ``name``: with the registry on S3, a data directory of its own."""
+    if backends.registry_url is None:
+        return env
+    return {**env, "CARE_DATA_DIR": str(Path(env["CARE_DATA_DIR"]).parent / f"data-{name}")}
 
 
 def readonly_mount_prefix(directory: Path) -> list[str] | None:
@@ -145,29 +191,45 @@ def prometheus_config(targets: list[str], path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"], ids=["jobs-sqlite", "jobs-postgresql"])
-def jobs_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
-    """CARE_JOBS_URL of the stack: None (the data directory's SQLite file), or a fresh PostgreSQL database."""
+@pytest.fixture(
+    scope="module",
+    params=["sqlite", "postgresql", "postgresql-s3"],
+    ids=["jobs-sqlite", "jobs-postgresql", "jobs-postgresql-registry-s3"],
+)
+def backends(request: pytest.FixtureRequest) -> Iterator[Backends]:
+    """The stack's CARE_JOBS_URL (None: the data directory's SQLite file) and, last, CARE_REGISTRY_URL in moto."""
     if request.param == "sqlite":
-        yield None
+        yield Backends()
         return
+    if request.param == "postgresql-s3":
+        pytest.importorskip("boto3")
+        pytest.importorskip("moto")
     with request.getfixturevalue("postgres").database() as url:
-        yield url
+        if request.param == "postgresql":
+            yield Backends(url)
+            return
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in CREDENTIALS.items():
+                patch.setenv(name, value)
+            with moto_s3_server() as endpoint:
+                import boto3
+
+                boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="care-topology")
+                yield Backends(url, "s3://care-topology/registry", endpoint)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, jobs_url: str | None) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, backends: Backends) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("topology")
     data_dir, logs = base / "data", base / "logs"
+    s3 = backends.registry_url is not None
     (data_dir / "registry").mkdir(parents=True)
     logs.mkdir()
+    lease_ttl_s = S3_LEASE_TTL_S if s3 else LEASE_TTL_S
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARE_")}
-    env.update(COMMON_ENV, CARE_DATA_DIR=str(data_dir))
-    if jobs_url is not None:
-        env["CARE_JOBS_URL"] = jobs_url
-    jobs_db = jobs_url if jobs_url is not None else data_dir / "jobs.sqlite3"
-    server_env = {**env, "CARE_RUN_WORKER": "false"}
-    readonly = readonly_mount_prefix(data_dir / "registry")
+    env.update(COMMON_ENV, CARE_DATA_DIR=str(data_dir), CARE_WORKER_LEASE_TTL_S=str(lease_ttl_s), **backends.env())
+    jobs_db = backends.jobs_url if backends.jobs_url is not None else data_dir / "jobs.sqlite3"
+    readonly = None if s3 else readonly_mount_prefix(data_dir / "registry")
 
     processes: list[Process] = []
     try:
@@ -175,10 +237,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory, jobs_url: str | None) -> Ite
         for index, prefix in ((1, []), (2, readonly or [])):
             port = free_port()
             argv = [*prefix, CARE_SERVE, "serve", "--host", "127.0.0.1", "--port", str(port), "--no-worker"]
+            server_env = {**process_env(env, backends, f"server{index}"), "CARE_RUN_WORKER": "false"}
             process = start(f"server{index}", argv, server_env, logs)
             processes.append(process)
             servers.append(Server(process, port))
-        workers = [start(f"worker{i}", [CARE_SERVE, "worker"], env, logs) for i in (1, 2)]
+        workers = [
+            start(f"worker{i}", [CARE_SERVE, "worker"], process_env(env, backends, f"worker{i}"), logs) for i in (1, 2)
+        ]
         processes += workers
         prometheus_port = free_port()
         prometheus_config([s.target for s in servers], base / "prometheus.yml")
@@ -196,7 +261,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory, jobs_url: str | None) -> Ite
         )
         processes.append(prometheus)
         stack = Stack(
-            data_dir, jobs_db, servers, workers, prometheus, f"http://127.0.0.1:{prometheus_port}", readonly is not None
+            data_dir,
+            jobs_db,
+            servers,
+            workers,
+            prometheus,
+            f"http://127.0.0.1:{prometheus_port}",
+            readonly is not None,
+            backends,
+            env,
+            logs,
+            lease_ttl_s,
         )
         stack.processes = processes
         for server in servers:
@@ -360,7 +435,7 @@ def test_prometheus_scrapes_both_servers(stack: Stack) -> None:
 def test_only_the_lease_holder_trains_and_a_survivor_takes_over(stack: Stack, tasks: list[Task]) -> None:
     server1, server2 = stack.servers
     jobs = stack.jobs()
-    registry = Registry.from_path(stack.data_dir / "registry")
+    registry = stack.registry()
     try:
         holder = wait_until("a worker to hold the lineage lease", lambda: jobs.lease_holder("lineage"), 60, stack.logs)
         by_pid = {w.pid: w for w in stack.workers}
@@ -393,9 +468,80 @@ def test_only_the_lease_holder_trains_and_a_survivor_takes_over(stack: Stack, ta
         new_holder = jobs.lease_holder("lineage")
         assert new_holder is not None and owner_pid(new_holder) == second.pid
         # The survivor saw that the holder's process is gone and did not wait for its lease to expire.
-        assert took < LEASE_TTL_S * 0.75, f"took {took:.1f}s: the takeover waited for the lease TTL"
+        assert took < stack.lease_ttl_s * 0.75, f"took {took:.1f}s: the takeover waited for the lease TTL"
         assert record["index"] == len(registry.latest_manifest().tasks) - 1  # type: ignore[union-attr]
         check_one_trainer_at_a_time(jobs.list_tasks(), registry)
+    finally:
+        jobs.close()
+
+
+# `care-serve worker` whose host name reads as another host's: the pids of this host's workers mean nothing to it,
+# so it takes a lineage over only once the holder's lease has expired.
+ANOTHER_HOST = (
+    "import socket, sys; socket.gethostname = lambda: 'care-topology-other-host'; "
+    "from service.cli import main; raise SystemExit(main(sys.argv[1:]))"
+)
+
+
+def test_with_s3_a_holder_killed_mid_task_is_taken_over_when_its_lease_expires(stack: Stack) -> None:
+    if stack.backends.registry_url is None:
+        pytest.skip("the S3 variant only (workers with data directories of their own, one on another host)")
+    server1, server2 = stack.servers
+    # More images than the other tasks, so that training lasts long enough to be caught; classes nobody else uses.
+    task = make_stream("digits5", train_per_class=40, test_per_class=4).tasks[4]
+    jobs = stack.jobs()
+    registry = stack.registry()
+    try:
+        holder = wait_until("a worker to hold the lineage lease", lambda: jobs.lease_holder("lineage"), 60, stack.logs)
+        (trainer,) = [w for w in stack.workers if w.pid == owner_pid(holder)]
+        for worker in stack.workers:  # a survivor on this host would take over at once, seeing the pid gone
+            if worker is not trainer and worker.popen.poll() is None:
+                os.kill(worker.pid, signal.SIGKILL)
+                worker.popen.wait(30)
+        other = start(
+            "worker3", [sys.executable, "-c", ANOTHER_HOST, "worker"], stack.process_env("worker3"), stack.logs_dir
+        )
+        stack.processes.append(other)
+        other.wait(
+            "worker3 to start", lambda: True if " started (" in other.log.read_text() else None, STARTUP_TIMEOUT_S
+        )
+
+        task_id = teach(server2, task)
+
+        def training() -> JobRecord | None:
+            record = jobs.get(task_id)
+            return record if record.status == "training" and record.progress is not None else None
+
+        record = wait_until(f"{trainer.name} to train {task_id}", training, TRAIN_TIMEOUT_S, stack.logs, 0.02)
+        assert record.owner == holder
+        os.kill(trainer.pid, signal.SIGKILL)
+        killed_at = time.time()
+        trainer.popen.wait(30)
+
+        learned = wait_learned(stack, server1, task_id)
+        stored = jobs.get(task_id)
+        assert owner_pid(stored.owner) == other.pid and stored.attempts == 2, stored
+        assert stored.started_at is not None
+        # The holder renewed its lease at most a third of the TTL before it died: the takeover waited for the rest.
+        waited = timestamp(stored.started_at).timestamp() - killed_at
+        assert waited >= stack.lease_ttl_s / 2, f"retrained {waited:.1f}s after the kill, before the lease expired"
+        assert learned["index"] == len(registry.latest_manifest().tasks) - 1  # type: ignore[union-attr]
+        check_one_trainer_at_a_time(jobs.list_tasks(), registry)
+
+        version = learned["model_version"]
+
+        def serves(server: Server) -> bool | None:
+            return True if httpx.get(f"{server.url}/model", timeout=10).json()["model_version"] == version else None
+
+        for server in (server1, server2):
+            wait_until(f"{server.process.name} to serve {version}", functools.partial(serves, server), 60, stack.logs)
+        answer = predict(server2, task)
+        assert answer["model_version"] == version
+        assert {p["top"][0]["label"] for p in answer["predictions"]} & set(task.classes)
+
+        # The uploads lived in the bucket: worker3 read this one from there, and every copy went once it was learned.
+        assert jobs.shared_uploads.stored() == {}
+        assert not list((Path(stack.process_env("worker3")["CARE_DATA_DIR"]) / "uploads").glob("t-*"))
     finally:
         jobs.close()
 
