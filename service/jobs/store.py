@@ -14,7 +14,10 @@ durable (SQLite: ``synchronous=FULL``; PostgreSQL: ``synchronous_commit=on``). T
 or one idempotency key are decided by the UNIQUE constraints (under SQLite's one write lock the re-check already
 does). So a row only ever
 exists for a complete, durable upload. A crash earlier leaves a staging directory or a ``t-*`` directory without a
-row: neither is a task, and ``sweep_staging`` removes both.
+row: neither is a task, and ``sweep_staging`` removes both. With a shared upload store (``shared_uploads``: the
+registry's bucket, for workers on other hosts) the upload is also put there, under its task id, after staging and
+before the transaction, so the row is committed (and the 202 sent) only once both copies are durable; objects whose
+task has no row are deleted by ``sweep_staging`` once older than its grace.
 
 Deployment limits: SQLite's WAL uses shared memory, so all processes of one SQLite database must run on one host
 with a local filesystem (not NFS/SMB); processes on several hosts share a PostgreSQL database. Leases compare
