@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 UPLOADS_PREFIX = "uploads"
 _DELETE_BATCH = 1000  # DeleteObjects takes at most this many keys
+_CONCURRENCY = 16  # requests in flight for one upload's files (a task may have 10,000 images; boto3 is thread-safe)
 
 
 class S3Uploads(UploadStore):
@@ -60,38 +62,51 @@ class S3Uploads(UploadStore):
             found += [(str(item["Key"]), item["LastModified"]) for item in page.get("Contents", [])]
         return found
 
+    def _put_file(self, task_id: str, task_dir: Path, path: Path) -> None:
+        data = path.read_bytes()
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=f"{self.root}{task_id}/{path.relative_to(task_dir).as_posix()}",
+            Body=data,
+            Metadata={SHA256_METADATA: hashlib.sha256(data).hexdigest()},
+        )
+
     def put(self, task_id: str, task_dir: Path) -> None:
         images = sorted((task_dir / IMAGES_DIR).iterdir())
-        for path in [*images, task_dir / MANIFEST_NAME]:  # the manifest last: it marks the upload complete
-            data = path.read_bytes()
-            relpath = path.relative_to(task_dir).as_posix()
-            self.client.put_object(
-                Bucket=self.bucket,
-                Key=f"{self.root}{task_id}/{relpath}",
-                Body=data,
-                Metadata={SHA256_METADATA: hashlib.sha256(data).hexdigest()},
-            )
+        with ThreadPoolExecutor(min(_CONCURRENCY, max(1, len(images))), thread_name_prefix="care-upload") as pool:
+            for done in [pool.submit(self._put_file, task_id, task_dir, path) for path in images]:
+                done.result()  # the first failure is raised (after the others ended)
+        self._put_file(task_id, task_dir, task_dir / MANIFEST_NAME)  # last: it marks the upload complete
 
     def fetch(self, task_id: str, destination: Path) -> bool:
         prefix = f"{self.root}{task_id}/"
         keys = [key for key, _ in self._keys(task_id)]
         if f"{prefix}{MANIFEST_NAME}" not in keys:
             return False
-        for key in keys:
-            relpath = key[len(prefix) :]
-            if relpath != MANIFEST_NAME and not (relpath.startswith(f"{IMAGES_DIR}/") and relpath.count("/") == 1):
-                continue  # nothing but the files an upload has becomes a path
-            response = self.client.get_object(Bucket=self.bucket, Key=key)
-            data = response["Body"].read()
-            recorded = response.get("Metadata", {}).get(SHA256_METADATA)
-            if recorded != hashlib.sha256(data).hexdigest():
-                raise UploadCorrupt(task_id, relpath, f"s3://{self.bucket}/{key} does not match its recorded sha256")
-            target = destination / relpath
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "xb") as f:
-                f.write(data)
+        relpaths = [key[len(prefix) :] for key in keys]
+        # Nothing but the files an upload has becomes a path.
+        wanted = [
+            r
+            for r in relpaths
+            if r == MANIFEST_NAME
+            or (r.startswith(f"{IMAGES_DIR}/") and r.count("/") == 1 and r.rpartition("/")[2] not in ("", ".", ".."))
+        ]
+        (destination / IMAGES_DIR).mkdir(exist_ok=True)
+        with ThreadPoolExecutor(min(_CONCURRENCY, len(wanted)), thread_name_prefix="care-upload") as pool:
+            for done in [pool.submit(self._get_file, task_id, prefix, relpath, destination) for relpath in wanted]:
+                done.result()
         logger.info("upload of %s fetched from s3://%s/%s (%d files)", task_id, self.bucket, prefix, len(keys))
         return True
+
+    def _get_file(self, task_id: str, prefix: str, relpath: str, destination: Path) -> None:
+        key = f"{prefix}{relpath}"
+        response = self.client.get_object(Bucket=self.bucket, Key=key)
+        data = response["Body"].read()
+        recorded = response.get("Metadata", {}).get(SHA256_METADATA)
+        if recorded != hashlib.sha256(data).hexdigest():
+            raise UploadCorrupt(task_id, relpath, f"s3://{self.bucket}/{key} does not match its recorded sha256")
+        with open(destination / relpath, "xb") as f:
+            f.write(data)
 
     def delete(self, task_id: str) -> None:
         keys = [key for key, _ in self._keys(task_id)]
