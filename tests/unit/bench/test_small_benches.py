@@ -33,6 +33,8 @@ def test_registry_bench_reports_loads_and_latency_per_cap(tmp_path: Path) -> Non
     rows = {(row["mix"], row["cap_fraction"]) for row in report["latency"]}
     assert rows == {(mix, cap) for mix in ("skewed", "uniform") for cap in (None, 0.5)}
     assert all(row["max_resident_bytes"] <= row["cap_bytes"] for row in report["latency"] if row["cap_bytes"])
+    # Serving the registry from nothing, and hot-loading the next version (one task more) beside it.
+    assert report["cold_load_seconds"] > 0 and report["next_version_load_seconds"] > 0
 
 
 def test_registry_bench_refuses_a_cap_smaller_than_one_task(tmp_path: Path) -> None:
