@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 
 from service.settings import Settings
 from service.training.worker import TrainingWorker
-from tests.moto_s3 import CREDENTIALS, moto_s3_server
 
 from .conftest import png, task_files, updated, wait_for, wait_ready
 
@@ -23,20 +22,11 @@ from registry.s3 import S3Backend  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in CREDENTIALS.items():
-            patch.setenv(name, value)
-        with moto_s3_server() as url:
-            yield url
-
-
 @pytest.fixture
-def settings(settings: Settings, endpoint: str) -> Settings:
+def settings(settings: Settings, s3_endpoint: str) -> Settings:
     bucket = f"care-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-    return updated(settings, registry_url=f"s3://{bucket}/registry", registry_endpoint_url=endpoint)
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    return updated(settings, registry_url=f"s3://{bucket}/registry", registry_endpoint_url=s3_endpoint)
 
 
 def test_a_task_learned_into_s3_is_served_by_a_server_on_another_host(

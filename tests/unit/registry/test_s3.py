@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,6 @@ import torch
 from registry import CorruptArtifact, PublishConflict, Registry, StagedFile, StorageBackend
 from registry.backend import PrepareCommit
 from registry.paths import CURRENT_FILE
-from tests.moto_s3 import CREDENTIALS, moto_s3_server
 
 from .helpers import expert_tensors, publish_task, router_tensors
 
@@ -30,32 +29,23 @@ from registry.verify import verify_registry
 PREFIX = "care/registry"
 
 
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in CREDENTIALS.items():
-            patch.setenv(name, value)
-        with moto_s3_server() as url:
-            yield url
-
-
 @pytest.fixture
-def bucket(endpoint: str) -> str:
+def bucket(s3_endpoint: str) -> str:
     name = f"care-{uuid.uuid4().hex[:12]}"
-    _client(endpoint).create_bucket(Bucket=name)
+    _client(s3_endpoint).create_bucket(Bucket=name)
     return name
 
 
-def _client(endpoint: str) -> Any:
+def _client(s3_endpoint: str) -> Any:
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint)
+    return boto3.client("s3", endpoint_url=s3_endpoint)
 
 
 @pytest.fixture
-def make_backend(endpoint: str, bucket: str, tmp_path: Path) -> Callable[..., S3Backend]:
+def make_backend(s3_endpoint: str, bucket: str, tmp_path: Path) -> Callable[..., S3Backend]:
     def make(cache: str = "cache", cls: type[S3Backend] = S3Backend, **kwargs: Any) -> S3Backend:
-        return cls.from_url(f"s3://{bucket}/{PREFIX}", cache_dir=tmp_path / cache, endpoint_url=endpoint, **kwargs)
+        return cls.from_url(f"s3://{bucket}/{PREFIX}", cache_dir=tmp_path / cache, endpoint_url=s3_endpoint, **kwargs)
 
     return make
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ import pytest
 from service.jobs import JobStore, UploadCorrupt
 from service.jobs.shared_uploads import LocalUploads
 from service.jobs.store import open_upload_store
-from tests.moto_s3 import CREDENTIALS, moto_s3_server
 
 pytest.importorskip("boto3")
 pytest.importorskip("moto")
@@ -26,19 +24,10 @@ from service.jobs.s3_uploads import S3Uploads
 PREFIX = "care/registry"
 
 
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in CREDENTIALS.items():
-            patch.setenv(name, value)
-        with moto_s3_server() as url:
-            yield url
-
-
 @pytest.fixture
-def uploads(endpoint: str) -> S3Uploads:
+def uploads(s3_endpoint: str) -> S3Uploads:
     bucket = f"care-{uuid.uuid4().hex[:12]}"
-    store = open_upload_store(f"s3://{bucket}/{PREFIX}", endpoint)
+    store = open_upload_store(f"s3://{bucket}/{PREFIX}", s3_endpoint)
     assert isinstance(store, S3Uploads)
     store.client.create_bucket(Bucket=bucket)
     return store
