@@ -221,6 +221,24 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def digits_split(transform: Callable[[Image.Image], Any], size: int = 64) -> tuple[Any, Any, Any, Any]:
+    """scikit-learn's digits as RGB images of `size` px through `transform`, stacked, with their targets and a
+    seeded split of the rows into 1200 training and 597 held-out: (images, targets, train_rows, test_rows)."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.stack(
+        [
+            transform(Image.fromarray((x * 255 / 16).astype(np.uint8)).resize((size, size)).convert("RGB"))
+            for x in digits.images
+        ]
+    )
+    targets = torch.tensor(digits.target)
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))
+    return images, targets, order[:1200], order[1200:]
+
+
 def make_digits_stream(
     name: str = "digits5",
     *,

@@ -82,26 +82,15 @@ def site_cost(
 
 def bound_accuracy(candidates: list[int], rank: int = 8) -> list[dict[str, float]]:
     """Accuracy over all ten digits after five 2-class MoRAM tasks, faithful and with each bound."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
 
+    from bench.datasets import digits_split
     from model.backbone import build_backbone, make_transform
     from model.moram import MoramLineage, MoramModel, advance_moram, learn_moram_task
 
-    digits = load_digits()
     config = ModelConfig(image_size=64, method="moram", moram_rank=rank, moram_top_k=rank)
     backbone = build_backbone(config, "bundled")
     transform = make_transform(backbone, 64)
-    images = torch.stack(
-        [
-            transform(Image.fromarray((x * 255 / 16).astype(np.uint8)).resize((64, 64)).convert("RGB"))
-            for x in digits.images
-        ]
-    )
-    targets = torch.tensor(digits.target)
-    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))
-    train_rows, test_rows = order[:1200], order[1200:]
+    images, targets, train_rows, test_rows = digits_split(transform)
     lineage = MoramLineage.empty(backbone.feature_dim)
     train = TrainConfig(epochs=4, batch_size=16, min_steps=0)
     tasks = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from bench.datasets import digits_split
 from model.backbone import build_backbone, make_transform
 from model.config import ModelConfig, TrainConfig
 from model.network import CareModel
@@ -17,20 +16,11 @@ TASKS = [(0, 1), (2, 3)]
 
 @pytest.mark.slow
 def test_two_tasks_of_digits_are_both_learned() -> None:
-    datasets = pytest.importorskip("sklearn.datasets")
-    digits = datasets.load_digits()
+    pytest.importorskip("sklearn.datasets")
     config = ModelConfig(image_size=64)
     backbone = build_backbone(config, "bundled")
     transform = make_transform(backbone, 64)
-    images = torch.stack(
-        [
-            transform(Image.fromarray((x * 255 / 16).astype(np.uint8)).resize((64, 64)).convert("RGB"))
-            for x in digits.images
-        ]
-    )
-    targets = torch.tensor(digits.target)
-    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))
-    train_rows, test_rows = order[:1200], order[1200:]
+    images, targets, train_rows, test_rows = digits_split(transform)
 
     lineage = Lineage.empty(backbone.feature_dim)
     train = TrainConfig(epochs=6, batch_size=16)

@@ -7,11 +7,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from bench.datasets import digits_split
 from model import artifacts
 from model.backbone import SiteBackbone, build_backbone, make_transform
 from model.classifier import cosine_logits
@@ -220,20 +219,11 @@ def test_learning_trains_only_the_new_atoms_and_is_deterministic(backbone: SiteB
 def test_two_tasks_of_digits_are_both_learned() -> None:
     """Two tasks of real images (scikit-learn's digits) on the bundled ImageNet CNN: the training loss falls in
     each task and, served without a task id, both tasks are classified far above chance."""
-    datasets = pytest.importorskip("sklearn.datasets")
-    digits = datasets.load_digits()
+    pytest.importorskip("sklearn.datasets")
     config = ModelConfig(image_size=64, method="moram", moram_rank=8, moram_top_k=8)
     backbone = build_backbone(config, "bundled")
     transform = make_transform(backbone, 64)
-    images = torch.stack(
-        [
-            transform(Image.fromarray((x * 255 / 16).astype(np.uint8)).resize((64, 64)).convert("RGB"))
-            for x in digits.images
-        ]
-    )
-    targets = torch.tensor(digits.target)
-    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))
-    train_rows, test_rows = order[:1200], order[1200:]
+    images, targets, train_rows, test_rows = digits_split(transform)
     tasks = [(0, 1), (2, 3)]
     lineage = MoramLineage.empty(backbone.feature_dim)
     train = TrainConfig(epochs=4, batch_size=16, min_steps=0)
