@@ -18,6 +18,9 @@ Methods:
 * ``care-m1``: the served configuration with a single router per site (M = 1), an ablation.
 * ``moram``: MoRAM (model/moram.py, `CARE_METHOD=moram` with its default settings) through its trainer
   (`learn_moram_task_embedded`) and the served analytic head, on the served backbone and training budget; no routers.
+* ``seta``: SETA as inferred from its abstract (model/seta.py, `CARE_METHOD=seta` with its default settings):
+  anchored shared experts, gated unique experts, the served analytic head, same backbone and budget.
+* ``seta-unanchored``: the same with the anchor off (lambda 0), an ablation: what the elastic anchor holds.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from bench.accuracy_methods import (
     FrozenHeadMethod,
     Method,
     MoramMethod,
+    SetaMethod,
     TaskData,
     no_adapter,
 )
@@ -212,6 +216,8 @@ METHOD_NAMES = (
     "ranpac",
     "care-m1",
     "moram",
+    "seta",
+    "seta-unanchored",
     "first-session",
     "first-session+frozen",
 )
@@ -242,6 +248,11 @@ def build_methods(
             methods.append(FirstSessionMethod(name, backbone, config, train, scale, name.endswith("+frozen")))
         elif name == "moram":
             methods.append(MoramMethod(name, backbone, dataclasses.replace(config, method="moram"), train))
+        elif name in ("seta", "seta-unanchored"):
+            seta = dataclasses.replace(config, method="seta")
+            if name == "seta-unanchored":
+                seta = dataclasses.replace(seta, seta_anchor=0.0)
+            methods.append(SetaMethod(name, backbone, seta, train))
         else:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}")
     return methods

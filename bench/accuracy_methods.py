@@ -17,6 +17,7 @@ from model.config import ModelConfig, TrainConfig
 from model.head import AnalyticHead, HeadStatistics, block_scales, head_inputs, solve_head
 from model.moram import MoramLineage, MoramModel, advance_moram, learn_moram_task_embedded
 from model.network import CareModel, run_sites
+from model.seta import SetaLineage, SetaModel, advance_seta, learn_seta_task_embedded
 from model.trainer import Lineage, advance, head_block_dims, learn_task_embedded
 
 CHUNK = 128  # images per no-grad forward chunk
@@ -291,3 +292,54 @@ class FirstSessionMethod:
 
 def no_adapter(_site: int) -> Callable[[Tensor, Tensor], Tensor]:
     return lambda tokens, _routing: torch.zeros_like(tokens)
+
+
+class SetaMethod:
+    """SETA (inferred) through the trainer and the served network the worker and the server use under
+    `CARE_METHOD=seta`."""
+
+    def __init__(self, name: str, backbone: SiteBackbone, config: ModelConfig, train: TrainConfig) -> None:
+        self.name = name
+        self.backbone, self.config, self.train = backbone, config, train
+        self.lineage = SetaLineage.empty(backbone.feature_dim)
+        self.offset = 0
+        self.task_seconds: list[float] = []
+        self.drift: list[float] = []
+
+    def learn(self, data: TaskData, num_classes: int) -> None:
+        local = data.labels - self.offset
+        learned = learn_seta_task_embedded(
+            self.backbone, self.config, self.train, self.lineage, data.embedded, local, num_classes
+        )
+        self.task_seconds.append(learned.metrics["seconds"])
+        self.drift.append(learned.metrics["shared_drift"])
+        self.lineage = advance_seta(self.lineage, learned, self.config.expert_dim)
+        self.offset += num_classes
+
+    def predict(self, data: TaskData) -> Tensor:
+        lineage = self.lineage
+        assert lineage.bank is not None
+        model = SetaModel(self.config, self.backbone, lineage.bank, lineage.classifier, lineage.head)
+        return torch.cat(
+            [
+                model.scores(model.head_inputs_from_embedding(data.embedded[i : i + CHUNK])).argmax(dim=1)
+                for i in range(0, len(data.embedded), CHUNK)
+            ]
+        )
+
+    def state_bytes(self) -> int:
+        lineage = self.lineage
+        tensors = [lineage.classifier]
+        if lineage.head_statistics is not None and lineage.head is not None:
+            tensors += [*lineage.head_statistics.to_tensors().values(), *lineage.head.to_tensors().values()]
+        if lineage.bank is not None:
+            for site in lineage.bank.sites:
+                tensors += [site.gates, *vars(site.shared).values(), *vars(site.unique).values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "task_train_seconds": [round(seconds, 2) for seconds in self.task_seconds],
+            "shared_drift": [round(value, 5) for value in self.drift],
+            "seta_config": {key: value for key, value in self.config.to_dict().items() if key.startswith("seta_")},
+        }

@@ -7,10 +7,13 @@ Key scheme (s = site index, 0-based; names after the prefix are the modules' own
     kind "task-routers"   sites.{s}.router.{weight,bias}           weight (t, d) for the t-th task (1-based)
     kind "shared"         sites.{s}.shared.{same names as expert}
     kind "task-atoms"     sites.{s}.atoms.{keys,values}             (r, d) each: a MoRAM task's atoms (model/moram.py)
+    kind "task-seta"      sites.{s}.unique.{same names as expert}   a SETA task's unique expert (model/seta.py)
+                          sites.{s}.gate                            (1, d): its unit gate row
     kind "classifier"     classifier.weight                         (C, D), task blocks in task order
                           head.{scale,weight,bias,temperature}      the analytic head (model/head.py), if any
     kind "trainer-state"  stats.mean (C, D), stats.var (C, D) or stats.cov (C, D, D), stats.count (C,)  (cosine)
                           head.gram (D', D'), head.class_sums (C, D'), head.class_counts (C,)   (analytic head)
+                          seta.importance.sites.{s}.{same names as expert}   SETA's anchor importance Omega
 
 Every file carries string metadata: `care.format`, `care.kind`, `care.model_config` (JSON of ModelConfig),
 `care.fingerprint` and `care.site_dims` (JSON list), plus kind-specific entries (`care.task_index`,
@@ -41,6 +44,8 @@ KIND_SHARED = "shared"
 KIND_CLASSIFIER = "classifier"
 KIND_TRAINER_STATE = "trainer-state"
 KIND_TASK_ATOMS = "task-atoms"
+KIND_TASK_SETA = "task-seta"
+SETA_IMPORTANCE = "seta.importance"  # trainer-state prefix of SETA's Omega
 
 _ADAPTER_KEYS = ("norm.weight", "norm.bias", "down.weight", "down.bias", "up.weight", "up.bias", "scale")
 _PERCEPTRON_KEYS = ("norm.weight", "norm.bias", "linear.weight", "linear.bias")
@@ -166,6 +171,64 @@ def adapter_stack_from_tensors(
     )
 
 
+_STACK_KEYS = dict(
+    zip(
+        _ADAPTER_KEYS,
+        ("norm_weight", "norm_bias", "down_weight", "down_bias", "up_weight", "up_bias", "scale"),
+        strict=True,
+    )
+)
+
+
+def adapter_stack_tensors(prefix: str, stack: AdapterStack) -> dict[str, Tensor]:
+    """The inverse of `adapter_stack_from_tensors`: a stack of one adapter under `prefix.{norm.weight,...}`."""
+    if stack.count != 1:
+        raise ValueError(f"{prefix}: expected a stack of one adapter, got {stack.count}")
+    return {f"{prefix}.{key}": getattr(stack, name)[0].detach().cpu().contiguous() for key, name in _STACK_KEYS.items()}
+
+
+def stacks_tensors(role: str, stacks: Sequence[AdapterStack], prefix: str = "sites") -> dict[str, Tensor]:
+    """One adapter per site (SETA's shared experts, or their importance) under `{prefix}.{s}.{role}.*` (no role:
+    `{prefix}.{s}.*`)."""
+    tensors: dict[str, Tensor] = {}
+    for site, stack in enumerate(stacks):
+        tensors.update(adapter_stack_tensors(_site_key(prefix, site, role), stack))
+    return tensors
+
+
+def _site_key(prefix: str, site: int, role: str) -> str:
+    return f"{prefix}.{site}.{role}" if role else f"{prefix}.{site}"
+
+
+def stacks_from_tensors(
+    tensors: Mapping[str, Tensor], role: str, site_dims: Sequence[int], rank: int, source: str, prefix: str = "sites"
+) -> list[AdapterStack]:
+    """The inverse of `stacks_tensors`, shapes checked."""
+    return [
+        adapter_stack_from_tensors(tensors, _site_key(prefix, site, role), dim, rank, source)
+        for site, dim in enumerate(site_dims)
+    ]
+
+
+def seta_task_tensors(unique: Sequence[AdapterStack], gates: Sequence[Tensor]) -> dict[str, Tensor]:
+    """A SETA task's unique experts and gate rows, one of each per site."""
+    tensors = stacks_tensors("unique", unique)
+    for site, gate in enumerate(gates):
+        tensors[f"sites.{site}.gate"] = gate.detach().cpu().contiguous()
+    return tensors
+
+
+def seta_task_from_tensors(
+    tensors: Mapping[str, Tensor], config: ModelConfig, site_dims: Sequence[int], source: str
+) -> tuple[list[AdapterStack], list[Tensor]]:
+    """Per-site unique experts and gate rows of one SETA task from a "task-seta" tensor dict, shapes checked."""
+    unique = stacks_from_tensors(tensors, "unique", site_dims, config.expert_dim, source)
+    gates = [_expect(tensors, f"sites.{site}.gate", (1, dim), source) for site, dim in enumerate(site_dims)]
+    expected = {f"sites.{s}.unique.{k}" for s in range(len(site_dims)) for k in _ADAPTER_KEYS}
+    _check_no_extra(tensors, expected | {f"sites.{s}.gate" for s in range(len(site_dims))}, source)
+    return unique, gates
+
+
 def task_stacks_from_tensors(
     tensors: Mapping[str, Tensor], config: ModelConfig, site_dims: Sequence[int], num_classes: int, source: str
 ) -> tuple[list[AdapterStack], list[PerceptronStack]]:
@@ -277,11 +340,16 @@ def head_from_tensors(
 
 
 def trainer_state_tensors(
-    stats: Mapping[str, Tensor] | None, head: Mapping[str, Tensor] | None = None
+    stats: Mapping[str, Tensor] | None,
+    head: Mapping[str, Tensor] | None = None,
+    importance: Sequence[AdapterStack] | None = None,
 ) -> dict[str, Tensor]:
-    """Per-class statistics under `stats.*` keys and the analytic head's under `head.*`."""
+    """Per-class statistics under `stats.*` keys, the analytic head's under `head.*` and SETA's anchor importance
+    under `seta.importance.*`."""
     tensors = {f"stats.{key}": value for key, value in (stats or {}).items()}
     tensors.update({f"head.{key}": value for key, value in (head or {}).items()})
+    if importance is not None:
+        tensors.update(stacks_tensors("", importance, prefix=SETA_IMPORTANCE))
     return {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
 
 

@@ -37,13 +37,13 @@ CovarianceMode = Literal["full", "diagonal"]
 # alignment, the paper's method, kept as `care-reference`).
 HeadKind = Literal["analytic", "cosine"]
 # How tasks adapt the backbone at the sites: "care" (BR-MoE experts, routers and perceptrons; model/moe.py) or
-# "moram" (rank-one associative-memory atoms that score themselves, no router; model/moram.py). "seta" is reserved
-# (issue 15) and refused until it exists.
-MethodKind = Literal["care", "moram"]
-METHODS: tuple[str, ...] = ("care", "moram")
-RESERVED_METHODS: tuple[str, ...] = ("seta",)
-# Fields that only shape a MoRAM model. Under method "care" they must keep their defaults and are left out of
-# `to_dict` (with `method` itself), so a configuration written before the switch existed keeps its fingerprint.
+# "moram" (rank-one associative-memory atoms that score themselves, no router; model/moram.py) or "seta" (shared
+# experts under elastic anchoring plus gated unique experts, as inferred from SETA's abstract; model/seta.py).
+MethodKind = Literal["care", "moram", "seta"]
+METHODS: tuple[str, ...] = ("care", "moram", "seta")
+# Fields that only shape one method's model. Under any other method they must keep their defaults and are left
+# out of `to_dict` (under "care" with `method` itself), so a configuration written before the switch existed
+# keeps its fingerprint, and adding a method's fields does not change another method's.
 MORAM_FIELDS: tuple[str, ...] = (
     "moram_rank",
     "moram_top_k",
@@ -51,6 +51,8 @@ MORAM_FIELDS: tuple[str, ...] = (
     "moram_threshold",
     "moram_candidates",
 )
+SETA_FIELDS: tuple[str, ...] = ("seta_top_k", "seta_gate_scale", "seta_anchor")
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {"care": (), "moram": MORAM_FIELDS, "seta": SETA_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class ModelConfig:
         cosine_scale: tau, the scale of cosine logits in the losses and in served probabilities (CaRE: 20).
         image_size: Input resolution (square); None means the backbone's pretrained resolution.
         head: The served head: "analytic" (closed form, the default) or "cosine" (CaRE's, with alignment).
-        method: "care" (the default) or "moram" (model/moram.py); "seta" is reserved and refused.
+        method: "care" (the default), "moram" (model/moram.py) or "seta" (model/seta.py).
         moram_rank: MoRAM: rank-one atoms each task adds at every site (the code's r; X-TAIL: 16).
         moram_top_k: MoRAM: atoms each token activates (the code uses max(top_k, 2)).
         moram_temperature: MoRAM: tau of the softmax over the top-k scores (X-TAIL: 0.01).
@@ -78,6 +80,10 @@ class ModelConfig:
         moram_candidates: MoRAM: 0 is the published form (every token scores every atom, cost grows with tasks);
             n > 0 bounds it: each sample preselects n atoms by its routing vector and its tokens score only those
             (this is ours, not the paper's).
+        seta_top_k: SETA: unique experts each sample's gate mixes (ours: the paper's k is not public).
+        seta_gate_scale: SETA: the scale of the gate's cosine logits (its softmax temperature is 1 / scale).
+        seta_anchor: SETA: lambda, the stiffness of the elastic anchor on the shared experts (unitless: the penalty
+            is divided by the largest importance; keep lambda * lr < 1).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -96,6 +102,9 @@ class ModelConfig:
     moram_temperature: float = 0.01
     moram_threshold: float = 0.2
     moram_candidates: int = 0
+    seta_top_k: int = 2
+    seta_gate_scale: float = 10.0
+    seta_anchor: float = 10.0
 
     def __post_init__(self) -> None:
         if self.head not in ("analytic", "cosine"):
@@ -110,17 +119,20 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.image_size must be >= 16 pixels, got {self.image_size}")
 
     def _check_method(self) -> None:
-        if self.method in RESERVED_METHODS:
-            raise ValueError(
-                f"ModelConfig.method {self.method!r} is reserved but not implemented yet (issue 15); use one of "
-                f"{list(METHODS)}"
-            )
         if self.method not in METHODS:
             raise ValueError(f"ModelConfig.method must be one of {list(METHODS)}, got {self.method!r}")
-        if self.method == "care":
-            changed = [name for name in MORAM_FIELDS if getattr(self, name) != _DEFAULTS[name]]
+        for method, names in METHOD_FIELDS.items():
+            changed = [name for name in names if method != self.method and getattr(self, name) != _DEFAULTS[name]]
             if changed:
-                raise ValueError(f"ModelConfig fields {changed} apply only with method='moram'")
+                raise ValueError(f"ModelConfig fields {changed} apply only with method={method!r}")
+        if self.method == "seta" and (self.seta_top_k < 1 or not self.seta_gate_scale > 0 or self.seta_anchor < 0):
+            raise ValueError(
+                "ModelConfig needs seta_top_k >= 1, seta_gate_scale > 0 and seta_anchor >= 0, got "
+                f"{self.seta_top_k}, {self.seta_gate_scale}, {self.seta_anchor}"
+            )
+        if self.method != "care" and self.head != "analytic":
+            raise ValueError(f"method {self.method!r} serves the analytic head only (head='analytic')")
+        if self.method != "moram":
             return
         for name in ("moram_rank", "moram_top_k"):
             if getattr(self, name) < 1:
@@ -132,17 +144,18 @@ class ModelConfig:
                 "ModelConfig needs moram_temperature > 0 and moram_threshold >= 0, got "
                 f"{self.moram_temperature}, {self.moram_threshold}"
             )
-        if self.head != "analytic":
-            raise ValueError("method 'moram' serves the analytic head only (head='analytic')")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tuples become lists). Under method "care" the method and the MoRAM fields are left
-        out, so configurations recorded before the method switch existed keep their fingerprint."""
+        """A JSON-ready dict (tuples become lists). Other methods' fields are left out, and under "care" the method
+        too, so configurations recorded before the method switch existed keep their fingerprint."""
         data = asdict(self)
         data["sites"] = list(self.sites)
+        for method, names in METHOD_FIELDS.items():
+            if method != self.method:
+                for name in names:
+                    del data[name]
         if self.method == "care":
-            for name in ("method", *MORAM_FIELDS):
-                del data[name]
+            del data["method"]
         return data
 
     @classmethod

@@ -13,8 +13,10 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from model.adapter import Adapter, TaskModules, adapters, shared_experts
+from model.bank import AdapterStack
 from model.config import ModelConfig
 from model.head import AnalyticHead
+from model.seta import SetaBank
 
 
 def _randomize_adapter(adapter: Adapter, generator: torch.Generator, scale: float) -> None:
@@ -72,3 +74,17 @@ def synthetic_head(config: ModelConfig, classifier: Tensor, site_dims: Sequence[
     weight = torch.cat([F.normalize(classifier, dim=1).T, torch.zeros(sum(site_dims), num_classes)])
     scale = torch.ones(weight.shape[0])
     return AnalyticHead(scale, weight.contiguous(), torch.zeros(num_classes), 1.0 / config.cosine_scale)
+
+
+def random_seta_bank(
+    config: ModelConfig, site_dims: Sequence[int], num_tasks: int, generator: torch.Generator
+) -> SetaBank:
+    """A SETA bank of `num_tasks` random unique experts and gate rows around random shared experts."""
+    shared = [AdapterStack.from_modules([a]).detach() for a in adapters(random_shared(config, site_dims, generator))]
+    bank = SetaBank.start(shared, config.expert_dim)
+    for index in range(num_tasks):
+        task = random_task(config, site_dims, index, 1, generator)
+        unique = [AdapterStack.from_modules([task.expert(s)]).detach() for s in range(task.num_sites)]
+        gates = [torch.randn(1, dim, generator=generator) for dim in site_dims]
+        bank = bank.append(unique, gates)
+    return bank

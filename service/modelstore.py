@@ -8,7 +8,8 @@ through `service.routers`. Layout of one version's files:
     tasks/{index:04d}-{task_id}/experts.safetensors   experts + perceptrons of a task   (resident when served)
     tasks/{index:04d}-{task_id}/routers.safetensors   routers of a task                  (loaded through the cache)
     tasks/{index:04d}-{task_id}/atoms.safetensors     a MoRAM task's atoms (instead of experts and routers)
-    versions/{first:06d}/shared.safetensors           E_bar, written with version 1 and reused (CaRE only)
+    versions/{first:06d}/shared.safetensors           E_bar, written with version 1 and reused (CaRE)
+    versions/{version:06d}/shared.safetensors         the shared experts as of this version (SETA: every version)
     versions/{version:06d}/classifier.safetensors     the cosine classifier as of this version
     trainer/{version:06d}.safetensors                 per-class statistics (trainer only)
 
@@ -22,8 +23,11 @@ The trained head statistics over `manifest.tasks` (`head.*`) are in the trainer 
 
 Methods (`ModelConfig.method`, recorded in every manifest): a CaRE version's tasks have `experts` and `routers`
 files and the version a `shared` file; a MoRAM version's tasks have one `atoms` file each (model/moram.py) and the
-version no shared file. Both have the classifier file and the same trainer state (the analytic head's statistics).
-Whichever the method, `network` builds what the version serves: a `ServedNetwork`.
+version no shared file; a SETA version's tasks have one `experts` file each (kind "task-seta": the unique experts
+and gate rows) and the version its own `shared` file, because the shared experts move with every task, while its
+trainer state also holds the anchor's importance (model/seta.py). All have the classifier file and the same trainer
+state (the analytic head's statistics). Whichever the method, `network` builds what the version serves: a
+`ServedNetwork`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from model.head import AnalyticHead, HeadStatistics
 from model.moram import AtomBank, MoramLineage, MoramModel, MoramTask
 from model.network import CareModel
 from model.routers import ResidentRouters, RouterSource
+from model.seta import SetaBank, SetaLineage, SetaModel, SetaTask
 from model.trainer import LearnedTask, Lineage
 from registry import Manifest, Registry, TaskRecord, check_compatible, task_file_path, version_file_path
 from service.routers.source import ROLE_ROUTERS, CachedRouters, RouterCache
@@ -172,7 +177,7 @@ def open_registry(settings: Settings) -> Registry:
 class NewTask:
     """A learned task and the names it is published under."""
 
-    learned: LearnedTask | MoramTask
+    learned: LearnedTask | MoramTask | SetaTask
     task_id: str
     classes: list[str]
     name: str | None = None
@@ -180,10 +185,10 @@ class NewTask:
 
 @dataclass(frozen=True)
 class LoadedTasks:
-    """The resident tensors of a version: the bank (on device; CaRE's experts or MoRAM's atoms), the cosine
-    classifier and the analytic head."""
+    """The resident tensors of a version: the bank (on device; CaRE's experts, MoRAM's atoms or SETA's experts and
+    gates), the cosine classifier and the analytic head."""
 
-    bank: ExpertBank | AtomBank
+    bank: ExpertBank | AtomBank | SetaBank
     classifier: Tensor
     head: AnalyticHead | None = None
 
@@ -253,6 +258,14 @@ class ModelStore:
         elif self.config.method == "care":
             assert parent is not None
             version_files[ROLE_SHARED] = parent.version_files[ROLE_SHARED]
+        elif self.config.method == "seta":
+            if not isinstance(last, SetaTask):
+                raise ValueError("a SETA registry publishes SETA tasks")
+            version_files[ROLE_SHARED] = version_file_path(version, ROLE_SHARED)
+            new_files[version_files[ROLE_SHARED]] = (
+                artifacts.stacks_tensors(ROLE_SHARED, last.shared),
+                self._metadata(artifacts.KIND_SHARED),
+            )
         tasks: list[TaskRecord] = [] if parent is None else list(parent.tasks)
         for new in new_tasks:
             index = new.learned.index
@@ -264,6 +277,7 @@ class ModelStore:
         trainer_state = artifacts.trainer_state_tensors(
             None if statistics is None else statistics.to_tensors(),
             None if last.head_statistics is None else last.head_statistics.to_tensors(),
+            last.importance if isinstance(last, SetaTask) else None,
         )
         extra = dict(extra or {})
         if provisional is not None and provisional.tasks:
@@ -285,6 +299,17 @@ class ModelStore:
     ) -> dict[str, str]:
         """Add the files of one new task to `new_files`; returns its record's role -> path."""
         learned = new.learned
+        if self.config.method == "seta":
+            if not isinstance(learned, SetaTask):
+                raise ValueError(
+                    f"task {new.task_id}: a SETA registry publishes SETA tasks, got {type(learned).__name__}"
+                )
+            path = task_file_path(index, new.task_id, ROLE_EXPERTS)
+            new_files[path] = (
+                artifacts.seta_task_tensors(learned.unique, learned.gates),
+                self._metadata(artifacts.KIND_TASK_SETA, task_index=index, num_classes=len(new.classes)),
+            )
+            return {ROLE_EXPERTS: path}
         if self.config.method == "moram":
             if not isinstance(learned, MoramTask):
                 raise ValueError(f"task {new.task_id}: a MoRAM registry publishes MoRAM tasks, got a CaRE one")
@@ -372,6 +397,8 @@ class ModelStore:
         if self.config.method == "moram":
             atoms = self._load_atoms(manifest, start, reused)
             return LoadedTasks(atoms, classifier, head)
+        if self.config.method == "seta":
+            return LoadedTasks(self._load_seta(manifest, previous), classifier, head)
         bank = reused if isinstance(reused, ExpertBank) else None
         if bank is None:
             start = 0
@@ -388,7 +415,7 @@ class ModelStore:
             bank = bank.append([e.to(self.device) for e in experts], [p.to(self.device) for p in perceptrons])
         return LoadedTasks(bank, classifier, head)
 
-    def _load_atoms(self, manifest: Manifest, start: int, reused: ExpertBank | AtomBank | None) -> AtomBank:
+    def _load_atoms(self, manifest: Manifest, start: int, reused: ExpertBank | AtomBank | SetaBank | None) -> AtomBank:
         """A MoRAM version's atoms: `reused` (the first `start` tasks' bank) with the later tasks' atoms appended."""
         bank = reused if isinstance(reused, AtomBank) and start > 0 else None
         first = start if bank is not None else 0
@@ -406,15 +433,44 @@ class ModelStore:
             bank = bank.append(atoms)
         return bank
 
+    def _load_seta(self, manifest: Manifest, previous: tuple[Manifest, LoadedTasks] | None) -> SetaBank:
+        """A SETA version's bank: its own shared experts, with `previous`'s unique experts and gate rows reused when
+        its tasks are a prefix of this version's (they never change once trained; the shared experts do)."""
+        shared_path = manifest.version_files[ROLE_SHARED]
+        shared = artifacts.stacks_from_tensors(
+            self._read(shared_path, artifacts.KIND_SHARED),
+            ROLE_SHARED,
+            self.site_dims,
+            self.config.shared_dim,
+            shared_path,
+        )
+        shared = [stack.to(self.device) for stack in shared]
+        bank, start = SetaBank.start(shared, self.config.expert_dim), 0
+        if previous is not None:
+            old_manifest, old_tasks = previous
+            if isinstance(old_tasks.bank, SetaBank) and manifest.tasks[: len(old_manifest.tasks)] == old_manifest.tasks:
+                bank, start = old_tasks.bank.with_shared(shared), len(old_manifest.tasks)
+        for task in manifest.tasks[start:]:
+            path = task.files[ROLE_EXPERTS]
+            unique, gates = artifacts.seta_task_from_tensors(
+                self._read(path, artifacts.KIND_TASK_SETA), self.config, self.site_dims, path
+            )
+            bank = bank.append([u.to(self.device) for u in unique], [g.to(self.device) for g in gates])
+        if bank.num_tasks == 0:
+            raise ValueError(f"version {manifest.version} has no trained task")
+        return bank
+
     def network(self, loaded: LoadedTasks) -> ServedNetwork:
-        """The network that serves a loaded version: a `CareModel` or a `MoramModel`, as its bank."""
+        """The network that serves a loaded version: a `CareModel`, `MoramModel` or `SetaModel`, as its bank."""
         if isinstance(loaded.bank, AtomBank):
             return MoramModel(self.config, self.backbone, loaded.bank, loaded.classifier, loaded.head)
+        if isinstance(loaded.bank, SetaBank):
+            return SetaModel(self.config, self.backbone, loaded.bank, loaded.classifier, loaded.head)
         return CareModel(self.config, self.backbone, loaded.bank, loaded.classifier, loaded.head)
 
     def routers(self, manifest: Manifest, cache: RouterCache) -> CachedRouters | None:
-        """The version's routers through the cache; None under MoRAM (it has none)."""
-        if self.config.method == "moram":
+        """The version's routers through the cache; None under MoRAM and SETA (they have none)."""
+        if self.config.method != "care":
             return None
         return CachedRouters(self.registry, manifest, self.site_dims, cache)
 
@@ -476,6 +532,37 @@ class ModelStore:
         if not isinstance(loaded.bank, AtomBank):
             raise ValueError(f"version {manifest.version} is not a MoRAM version")
         return MoramLineage(loaded.bank, loaded.classifier, self.load_statistics(manifest)[1], loaded.head)
+
+    def load_seta_lineage(
+        self, manifest: Manifest | None, previous: tuple[Manifest, LoadedTasks] | None = None
+    ) -> SetaLineage:
+        """What `learn_seta_task` needs to learn the task after `manifest` (None: before the first task): the
+        version's bank and head, and the anchor's importance from its trainer state."""
+        if manifest is None:
+            empty = SetaLineage.empty(self.backbone.feature_dim)
+            return SetaLineage(None, empty.classifier.to(self.device))
+        loaded = self.load_tasks(manifest, previous)
+        if not isinstance(loaded.bank, SetaBank):
+            raise ValueError(f"version {manifest.version} is not a SETA version")
+        version = head_state_version(manifest)  # a provisional version keeps the trained one's state
+        state = self.registry.load_trainer_state(version)
+        if state is None:
+            raise ValueError(f"version {version} has no trainer state; it cannot be continued by a trainer")
+        importance = artifacts.stacks_from_tensors(
+            state.tensors,
+            "",
+            self.site_dims,
+            self.config.shared_dim,
+            f"trainer state {version}",
+            prefix=artifacts.SETA_IMPORTANCE,
+        )
+        return SetaLineage(
+            loaded.bank,
+            loaded.classifier,
+            self.load_statistics(manifest)[1],
+            loaded.head,
+            [stack.to(self.device) for stack in importance],
+        )
 
 
 def iter_labels(manifest: Manifest) -> Iterator[tuple[str, str]]:

@@ -73,8 +73,8 @@ class Settings(BaseSettings):
     )
     method: MethodKind = Field(
         ModelConfig.method,
-        description="How tasks adapt the backbone: 'care' (BR-MoE, the default) or 'moram' (rank-one atoms, trained "
-        "and served like CaRE's tasks, without routers). 'seta' is reserved.",
+        description="How tasks adapt the backbone: 'care' (BR-MoE, the default), 'moram' (rank-one atoms, no "
+        "routers) or 'seta' (anchored shared experts and gated unique experts, inferred from SETA's abstract).",
     )
     moram_rank: int = Field(ModelConfig.moram_rank, ge=1, description="MoRAM: rank-one atoms per task and site.")
     moram_top_k: int = Field(ModelConfig.moram_top_k, ge=1, description="MoRAM: atoms each token activates.")
@@ -84,6 +84,11 @@ class Settings(BaseSettings):
         ModelConfig.moram_candidates,
         ge=0,
         description="MoRAM: 0 = every token scores every atom (published); n = atoms preselected per sample (bounded).",
+    )
+    seta_top_k: int = Field(ModelConfig.seta_top_k, ge=1, description="SETA: unique experts each sample's gate mixes.")
+    seta_gate_scale: float = Field(ModelConfig.seta_gate_scale, gt=0, description="SETA: scale of the gate's cosines.")
+    seta_anchor: float = Field(
+        ModelConfig.seta_anchor, ge=0, description="SETA: stiffness of the elastic anchor on the shared experts."
     )
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where the model runs.")
     # The GPU path (service/inference/acceleration.py): each switch measured alone before it becomes a default.
@@ -277,6 +282,9 @@ class Settings(BaseSettings):
             moram_temperature=self.moram_temperature,
             moram_threshold=self.moram_threshold,
             moram_candidates=self.moram_candidates,
+            seta_top_k=self.seta_top_k,
+            seta_gate_scale=self.seta_gate_scale,
+            seta_anchor=self.seta_anchor,
         )
 
     def training(self) -> TrainConfig:

@@ -2,7 +2,8 @@
 
 Vocabulary: a `ServedVersion` is one registry version as served; its `network` is what computes its probabilities
 (a `ServedNetwork`: CaRE's `CareModel`, model/network.py, with the version's routers, or MoRAM's `MoramModel`,
-model/moram.py, which has none); the `ServingSlot` holds the `ServedVersion` being `served` and swaps newer ones in.
+model/moram.py, or SETA's `SetaModel`, model/seta.py, which have none); the `ServingSlot` holds the
+`ServedVersion` being `served` and swaps newer ones in.
 
 Serving holds a reference to the current `ServedVersion`; a new version is loaded in the background (only its new
 files are read: the resident tensors of earlier tasks are reused) and swapped in with one assignment, so a batch
@@ -42,7 +43,7 @@ class Prediction:
 @dataclass(frozen=True)
 class ServedVersion:
     """One registry version as served. `network` is None while nothing has been learned (version None); `routers`
-    is None then too, and under a method without routers (MoRAM)."""
+    is None then too, and under a method without routers (MoRAM, SETA)."""
 
     version: int | None
     manifest: Manifest | None

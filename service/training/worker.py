@@ -33,6 +33,7 @@ from model.backbone import make_transform
 from model.head import HeadStatistics
 from model.moram import MoramTask, bank_with, learn_moram_task, served_moram_inputs
 from model.routers import RouterSource
+from model.seta import SetaTask, bank_after, learn_seta_task, served_seta_inputs
 from model.trainer import LearnedTask, Lineage, TrainProgress, embed_images, learn_task, served_features
 from registry import Manifest
 from registry.owner import process_alive
@@ -58,7 +59,7 @@ from service.settings import Settings
 from service.training.provisional import add_classes, rebuild, served_inputs
 
 # A learned task and how the version that adds it reads images (`embed_images` output -> the served head's inputs).
-Learned = tuple[LearnedTask | MoramTask, Callable[[Tensor], Tensor]]
+Learned = tuple[LearnedTask | MoramTask | SetaTask, Callable[[Tensor], Tensor]]
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +264,17 @@ class TrainingWorker:
             )
             bank = bank_with(moram.bank, task.atoms, self.config.moram_rank)
             return task, lambda hidden: served_moram_inputs(self.backbone, self.config, bank, task.classifier, hidden)
+        if self.config.method == "seta":
+            seta = self.store.load_seta_lineage(manifest, previous=self._loaded)
+            if manifest is not None and seta.bank is not None:
+                self._loaded = (manifest, LoadedTasks(seta.bank, seta.classifier))  # the head is re-read per version
+            learned_seta = learn_seta_task(
+                self.backbone, self.config, train, seta, images, labels, num_classes, progress=progress
+            )
+            served_bank = bank_after(seta.bank, learned_seta, self.config.expert_dim)
+            return learned_seta, lambda hidden: served_seta_inputs(
+                self.backbone, self.config, served_bank, learned_seta.classifier, hidden
+            )
         lineage = self._lineage(manifest)
         learned = learn_task(self.backbone, self.config, train, lineage, images, labels, num_classes, progress=progress)
         return learned, lambda hidden: served_features(self.backbone, self.config, lineage, learned, hidden)
@@ -361,7 +373,7 @@ class TrainingWorker:
     def _still_provisional(
         self,
         manifest: Manifest | None,
-        learned: LearnedTask | MoramTask,
+        learned: LearnedTask | MoramTask | SetaTask,
         served: Callable[[Tensor], Tensor],
         trained_id: str,
     ) -> tuple[Manifest | None, ProvisionalHead | None]:

@@ -91,7 +91,10 @@ def test_care_stays_the_default_and_keeps_its_recorded_form() -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"method": "seta"}, "reserved but not implemented"),
+        ({"method": "seta", "head": "cosine"}, "analytic head only"),
+        ({"method": "seta", "moram_rank": 8}, "apply only with method='moram'"),
+        ({"method": "moram", "seta_top_k": 3}, "apply only with method='seta'"),
+        ({"method": "seta", "seta_gate_scale": 0.0}, "seta_gate_scale > 0"),
         ({"method": "lora"}, "must be one of"),
         ({"moram_rank": 8}, "apply only with method='moram'"),
         ({"method": "moram", "head": "cosine"}, "analytic head only"),

@@ -40,6 +40,11 @@ def test_care_method_flows_from_the_environment_into_the_model_configuration(mon
     assert (config.method, config.moram_candidates) == ("moram", 32)
     assert config.to_dict()["method"] == "moram"
     monkeypatch.setenv("CARE_METHOD", "seta")
+    monkeypatch.delenv("CARE_MORAM_CANDIDATES")
+    monkeypatch.setenv("CARE_SETA_ANCHOR", "10")
+    config = Settings().model()
+    assert (config.method, config.seta_anchor) == ("seta", 10.0)
+    monkeypatch.setenv("CARE_METHOD", "sota")
     with pytest.raises(ValidationError, match="method"):
         Settings()
 
