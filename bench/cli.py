@@ -41,16 +41,21 @@ def _int_list(text: str) -> list[int]:
 
 
 def _bench_model(args: argparse.Namespace) -> int:
-    from bench.model_bench import bench_backbone, markdown_table, write_report
+    from bench.model_bench import bench_backbone, markdown_table, methods_table, write_report
 
     torch.set_num_threads(args.threads)
     rows = []
     for name in args.backbones.split(","):
         size = args.image_size if args.image_size else 224
         batch = args.batch_vit if "vit" in name else args.batch
-        rows += bench_backbone(name, args.tasks, batch, size, args.repeats, args.reference_max_tasks, logger.info)
+        methods = [m for m in args.methods.split(",") if m]
+        rows += bench_backbone(
+            name, args.tasks, batch, size, args.repeats, args.reference_max_tasks, logger.info, methods
+        )
     path = write_report(rows, Path(args.out), machine_description())
     print(markdown_table(rows))  # noqa: T201 - the table is the command's output
+    if any(r.method_s for r in rows):
+        print(methods_table(rows))  # noqa: T201
     logger.info("raw numbers in %s, plot in %s", path, path.with_suffix(".png"))
     return 0
 
@@ -238,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--repeats", type=int, default=15)
     model.add_argument("--reference-max-tasks", type=int, default=300, help="skip the reference path above this")
     model.add_argument("--threads", type=int, default=2)
+    model.add_argument(
+        "--methods",
+        default="",
+        help="also time these methods' served call side by side: moram (faithful and bounded), seta",
+    )
     model.add_argument("--out", default="docs/bench")
     model.set_defaults(handler=_bench_model)
 

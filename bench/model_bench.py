@@ -4,15 +4,21 @@ Random task weights (routers resident in memory) at several task counts; the pat
 interleaved within each repeat so that machine noise hits them alike, and medians are reported. "served" is what a
 request costs with the default analytic head (the fast path, the site vectors and the head over 3 classes a task);
 "head" is the head alone on its inputs.
+
+With `methods` (`care-bench model --methods moram,seta`), each other method's served call (`predict_proba`, head
+included) is timed in the same interleaved repeats, on random weights of the same task count: MoRAM faithful
+(r = k = 16, every token scores every atom), MoRAM bounded (`moram_candidates` = 64 per image) and SETA (one unique
+expert and gate row per task, top-2). Side by side with CaRE's "served" column, in `method_s`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +49,7 @@ class ModelBenchRow:
     served_s: float = 0.0  # fast path + the analytic head, as /predict runs it
     head_s: float = 0.0  # the analytic head alone on its inputs
     classes: int = 0
+    method_s: dict[str, float] = field(default_factory=dict)  # other methods' served call, same repeats
 
     @property
     def fast_over_backbone(self) -> float:
@@ -71,6 +78,50 @@ def random_model(
     return CareModel(config, backbone, bank, classifier, head), ResidentRouters(routers)
 
 
+METHOD_COLUMNS = {"moram": ("moram", "moram-bounded"), "seta": ("seta",)}
+BOUNDED_CANDIDATES = 64
+
+
+def method_models(
+    names: Sequence[str], care: CareModel, num_tasks: int, seed: int = 0
+) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The served call (images -> probabilities) of each other method at `num_tasks` random tasks, sharing CaRE's
+    backbone, classifier and random head (all methods feed the head the same inputs: phi and the site vectors)."""
+    from model.moram import AtomBank, AtomStack, MoramModel
+    from model.seta import SetaModel
+    from model.synthetic import random_seta_bank
+
+    generator = torch.Generator().manual_seed(seed + 1)
+    backbone, classifier, head = care.backbone, care.classifier, care.head
+    calls: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    for name in names:
+        if name == "moram":
+            config = dataclasses.replace(care.config, method="moram")
+            rank = config.moram_rank
+            sites = [
+                AtomStack(
+                    torch.randn(rank * num_tasks, d, generator=generator) / d**0.5,
+                    torch.randn(rank * num_tasks, d, generator=generator) * 0.01,
+                )
+                for d in backbone.site_dims
+            ]
+            bank = AtomBank(sites, rank)
+            bank.prepare_fast_path()
+            faithful = MoramModel(config, backbone, bank, classifier, head)
+            bounded_config = dataclasses.replace(config, moram_candidates=BOUNDED_CANDIDATES)
+            bounded = MoramModel(bounded_config, backbone, bank, classifier, head)
+            calls["moram"] = faithful.predict_proba
+            calls["moram-bounded"] = bounded.predict_proba
+        elif name == "seta":
+            config = dataclasses.replace(care.config, method="seta")
+            seta_bank = random_seta_bank(config, backbone.site_dims, num_tasks, generator)
+            seta_bank.prepare_fast_path()
+            calls["seta"] = SetaModel(config, backbone, seta_bank, classifier, head).predict_proba
+        else:
+            raise ValueError(f"unknown method {name!r}: choose from {', '.join(METHOD_COLUMNS)}")
+    return calls
+
+
 def time_call(fn: Callable[[], object]) -> float:
     """Wall seconds of one call."""
     started = time.perf_counter()
@@ -86,20 +137,25 @@ def bench_backbone(
     repeats: int,
     reference_max_tasks: int,
     progress: Callable[[str], None],
+    methods: Sequence[str] = (),
 ) -> list[ModelBenchRow]:
-    """Median forward seconds per batch for each task count."""
+    """Median forward seconds per batch for each task count (and of each other method in `methods`)."""
     config = ModelConfig(backbone=name, image_size=image_size)
     backbone = build_backbone(config, "bundled" if bundled_weights_available(name) else "random")
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     rows = []
     for count in task_counts:
         model, routers = random_model(config, backbone, count)
+        others = method_models(methods, model, count)
         run_reference = count <= reference_max_tasks
         with torch.inference_mode():
             for _ in range(3):  # warm-up: allocator, kernels, caches
                 backbone.forward_plain(images)
                 model.forward_features(images, routers, "fast")
+            for call in others.values():
+                call(images)
             times: dict[str, list[float]] = {"backbone": [], "fast": [], "reference": [], "served": [], "head": []}
+            times.update({name: [] for name in others})
             inputs = model.head_inputs_from_embedding(backbone.embed(images), routers)
             assert model.head is not None
             head = model.head
@@ -110,6 +166,8 @@ def bench_backbone(
                 times["fast"].append(time_call(lambda m=model, r=routers: m.forward_features(images, r, "fast")))  # type: ignore[misc]
                 times["served"].append(time_call(lambda m=model, r=routers: m.predict_proba(images, r)))  # type: ignore[misc]
                 times["head"].append(time_call(lambda h=head, z=inputs: h.probabilities(z)))  # type: ignore[misc]
+                for other, call in others.items():
+                    times[other].append(time_call(lambda c=call: c(images)))  # type: ignore[misc]
             if run_reference:
                 for _ in range(max(1, repeats // 3)):
                     times["reference"].append(
@@ -128,15 +186,17 @@ def bench_backbone(
             served_s=statistics.median(times["served"]),
             head_s=statistics.median(times["head"]),
             classes=model.num_classes,
+            method_s={name: statistics.median(times[name]) for name in others},
         )
         progress(
             f"{name} T={count}: backbone {row.backbone_s * 1e3:.1f} ms, fast {row.fast_s * 1e3:.1f} ms "
             f"(paired {row.fast_over_backbone:.2f}x), served {row.served_s * 1e3:.1f} ms, "
             f"head {row.head_s * 1e3:.2f} ms over {row.classes} classes, reference "
             + (f"{row.reference_s * 1e3:.1f} ms" if row.reference_s is not None else "skipped")
+            + "".join(f", {name} {seconds * 1e3:.1f} ms" for name, seconds in row.method_s.items())
         )
         rows.append(row)
-        del model, routers
+        del model, routers, others
     return rows
 
 
@@ -184,4 +244,22 @@ def markdown_table(rows: list[ModelBenchRow]) -> str:
             f"{r.fast_over_backbone:.2f}x | {r.served_s * 1e3:.1f} | {r.head_s * 1e3:.2f} | "
             f"{r.head_s / r.fast_s * 100:.1f} % | {reference} | {ratio} |"
         )
+    return "\n".join(lines)
+
+
+def methods_table(rows: list[ModelBenchRow]) -> str:
+    """The methods side by side: each served call in ms and as a multiple of the backbone alone."""
+    names = [name for r in rows for name in r.method_s]
+    columns = list(dict.fromkeys(names))
+    if not columns:
+        return ""
+    header = " | ".join(f"{name} (ms, x backbone)" for name in ["care", *columns])
+    lines = [f"| backbone | tasks | backbone alone (ms) | {header} |", "|---|---|---|" + "---|" * (len(columns) + 1)]
+    for r in rows:
+        cells = [f"{r.served_s * 1e3:.1f} ({r.served_s / r.backbone_s:.2f}x)"]
+        cells += [
+            f"{r.method_s[n] * 1e3:.1f} ({r.method_s[n] / r.backbone_s:.2f}x)" if n in r.method_s else "-"
+            for n in columns
+        ]
+        lines.append(f"| {r.backbone} | {r.tasks} | {r.backbone_s * 1e3:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from bench.cli import main
 
 def test_model_bench_times_every_path_for_each_task_count(tmp_path: Path) -> None:
     argv = ["model", "--backbones", "test_vit", "--tasks", "1,2", "--repeats", "1", "--batch-vit", "2"]
+    argv += ["--methods", "moram,seta"]
     assert main([*argv, "--image-size", "32", "--threads", "1", "--out", str(tmp_path)]) == 0
 
     report = json.loads((tmp_path / "model_bench.json").read_text())
@@ -19,6 +20,8 @@ def test_model_bench_times_every_path_for_each_task_count(tmp_path: Path) -> Non
     for row in report["rows"]:
         assert row["backbone_s"] > 0 and row["fast_s"] > 0 and row["reference_s"] > 0, row
         assert row["served_s"] > 0 and 0 < row["head_s"] < row["served_s"] and row["classes"] == 3 * row["tasks"], row
+        # The other methods' served calls, timed in the same repeats (MoRAM in both its forms).
+        assert set(row["method_s"]) == {"moram", "moram-bounded", "seta"} and min(row["method_s"].values()) > 0, row
     assert (tmp_path / "model_bench.png").stat().st_size > 0
 
 
