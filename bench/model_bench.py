@@ -215,6 +215,9 @@ def write_report(rows: list[ModelBenchRow], out_dir: Path, meta: dict[str, objec
         tasks = [r.tasks for r in mine]
         axis.plot(tasks, [r.backbone_s * 1e3 for r in mine], "k--", label="backbone alone")
         axis.plot(tasks, [r.fast_s * 1e3 for r in mine], "o-", label="fast path")
+        for method in dict.fromkeys(n for r in mine for n in r.method_s):
+            points = [(r.tasks, r.method_s[method] * 1e3) for r in mine if method in r.method_s]
+            axis.plot(*zip(*points, strict=True), "^:", label=f"{method} (served)")
         ref = [(r.tasks, r.reference_s * 1e3) for r in mine if r.reference_s is not None]
         if ref:
             axis.plot(*zip(*ref, strict=True), "s-", label="reference path")
@@ -227,7 +230,33 @@ def write_report(rows: list[ModelBenchRow], out_dir: Path, meta: dict[str, objec
     figure.tight_layout()
     figure.savefig(out_dir / "model_bench.png", dpi=110)
     plt.close(figure)
+    if any(r.method_s for r in rows):
+        _plot_method_ratios(rows, names, out_dir / "model_bench_methods.png")
     return path
+
+
+def _plot_method_ratios(rows: list[ModelBenchRow], names: list[str], path: Path) -> None:
+    """Each method's served call as a multiple of the backbone alone in the same repeats: what grows with tasks,
+    whatever the machine's load did to the absolute times between task counts."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    for axis, name in zip(axes[0], names, strict=True):
+        mine = [r for r in rows if r.backbone == name]
+        tasks = [r.tasks for r in mine]
+        axis.plot(tasks, [r.served_s / r.backbone_s for r in mine], "o-", label="care (served)")
+        for method in dict.fromkeys(n for r in mine for n in r.method_s):
+            points = [(r.tasks, r.method_s[method] / r.backbone_s) for r in mine if method in r.method_s]
+            axis.plot(*zip(*points, strict=True), "^:", label=f"{method} (served)")
+        axis.axhline(1.0, color="k", linestyle="--", label="backbone alone")
+        axis.set_xscale("log")
+        axis.set_xlabel("tasks learned")
+        axis.set_ylabel("x the backbone alone (medians, same repeats)")
+        axis.set_title(f"{name} ({mine[0].image_size}px, batch {mine[0].batch})")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def markdown_table(rows: list[ModelBenchRow]) -> str:

@@ -23,6 +23,7 @@ def test_model_bench_times_every_path_for_each_task_count(tmp_path: Path) -> Non
         # The other methods' served calls, timed in the same repeats (MoRAM in both its forms).
         assert set(row["method_s"]) == {"moram", "moram-bounded", "seta"} and min(row["method_s"].values()) > 0, row
     assert (tmp_path / "model_bench.png").stat().st_size > 0
+    assert (tmp_path / "model_bench_methods.png").stat().st_size > 0
 
 
 def test_registry_bench_reports_loads_and_latency_per_cap(tmp_path: Path) -> None:
