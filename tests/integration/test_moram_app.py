@@ -88,7 +88,9 @@ def test_moram_tasks_are_provisional_before_training_with_features_from_the_mora
     from service.training.provisional import served_inputs
     from service.training.worker import LEASE
 
-    settings = updated(settings, provisional=True)
+    # The worker is driven by hand and never renews its lease: a long lease, so a loaded machine cannot expire it
+    # between two claims (as in test_provisional).
+    settings = updated(settings, provisional=True, worker_lease_ttl_s=3600)
     client = client_factory(settings)
     worker = TrainingWorker(settings)
     assert worker._acquire()
