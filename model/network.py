@@ -51,6 +51,36 @@ def _float32(inputs: Tensor) -> Iterator[Tensor]:
         yield inputs.float()
 
 
+class ServedHead:
+    """The head half of a method's network (MoRAM's, SETA's): scores and probabilities of the head's inputs.
+
+    The served analytic head when the version has one, else the cosine classifier at the configuration's scale;
+    in float32 even under a caller's bf16 autocast. Subclasses set `config`, `classifier` and `head`.
+    """
+
+    config: ModelConfig
+    classifier: Tensor
+    head: AnalyticHead | None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.classifier.shape[0]) if self.head is None else self.head.num_classes
+
+    def scores(self, inputs: Tensor) -> Tensor:
+        """The served head's scores (B, C)."""
+        with _float32(inputs) as inputs32:
+            if self.head is not None:
+                return self.head.scores(inputs32)
+            return self.config.cosine_scale * cosine_logits(inputs32, self.classifier)
+
+    def probabilities(self, inputs: Tensor) -> Tensor:
+        """The served head's probabilities (B, C); each row sums to 1 over every class."""
+        with _float32(inputs) as inputs32:
+            if self.head is not None:
+                return self.head.probabilities(inputs32)
+            return class_probabilities(cosine_logits(inputs32, self.classifier), self.config.cosine_scale)
+
+
 def _recording(moe: SiteFn, vectors: list[Tensor]) -> SiteFn:
     def run(tokens: Tensor, routing: Tensor) -> Tensor:
         vectors.append(routing)

@@ -50,10 +50,10 @@ from torch.nn import functional as F
 from model.adapter import LAYER_NORM_EPS, Adapter, adapters, shared_experts
 from model.backbone import SiteBackbone, SiteFn
 from model.bank import AdapterStack, FoldedAdapters
-from model.classifier import class_probabilities, cosine_logits
+from model.classifier import cosine_logits
 from model.config import ModelConfig, TrainConfig
 from model.head import AnalyticHead, HeadStatistics, head_inputs
-from model.network import _float32, run_sites
+from model.network import ServedHead, run_sites
 from model.routers import RouterSource
 from model.trainer import EMBED_CHUNK, ProgressFn, TrainProgress, embed_images, extend_analytic_head
 
@@ -197,7 +197,7 @@ class SetaBank:
         return SetaBank([SetaSite(s.shared.detach(), s.unique.detach(), s.gates.detach()) for s in self.sites])
 
 
-class SetaModel:
+class SetaModel(ServedHead):
     """A frozen backbone, the SETA bank of a version and its served head; immutable (a `ServedNetwork`).
 
     Args:
@@ -230,10 +230,6 @@ class SetaModel:
     def num_tasks(self) -> int:
         return self.bank.num_tasks
 
-    @property
-    def num_classes(self) -> int:
-        return int(self.classifier.shape[0]) if self.head is None else self.head.num_classes
-
     def _site_fn(self, path: SetaPath) -> Callable[[int], SiteFn]:
         def for_site(index: int) -> SiteFn:
             site = self.bank.sites[index]
@@ -257,18 +253,6 @@ class SetaModel:
         del routers
         features, vectors = self.features_and_site_vectors(hidden, path)
         return features if self.head is None else head_inputs(features, vectors)
-
-    def scores(self, inputs: Tensor) -> Tensor:
-        with _float32(inputs) as inputs32:
-            if self.head is not None:
-                return self.head.scores(inputs32)
-            return self.config.cosine_scale * cosine_logits(inputs32, self.classifier)
-
-    def probabilities(self, inputs: Tensor) -> Tensor:
-        with _float32(inputs) as inputs32:
-            if self.head is not None:
-                return self.head.probabilities(inputs32)
-            return class_probabilities(cosine_logits(inputs32, self.classifier), self.config.cosine_scale)
 
     @torch.inference_mode()
     def logits(self, images: Tensor, routers: RouterSource | None = None, path: SetaPath = "fast") -> Tensor:
