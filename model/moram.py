@@ -46,10 +46,10 @@ from torch.nn import functional as F
 
 from model.adapter import LAYER_NORM_EPS
 from model.backbone import SiteBackbone, SiteFn
-from model.classifier import class_probabilities, cosine_logits
+from model.classifier import cosine_logits
 from model.config import ModelConfig, TrainConfig
 from model.head import AnalyticHead, HeadStatistics, head_inputs
-from model.network import _float32, run_sites
+from model.network import ServedHead, run_sites
 from model.routers import RouterSource
 from model.trainer import EMBED_CHUNK, ProgressFn, TrainProgress, embed_images, extend_analytic_head
 
@@ -289,7 +289,7 @@ def site_functions(bank: AtomBank, options: MoramOptions, path: MoramPath = "fas
     return for_site
 
 
-class MoramModel:
+class MoramModel(ServedHead):
     """A frozen backbone, the atom bank of the learned tasks and the served head; immutable.
 
     Args:
@@ -324,10 +324,6 @@ class MoramModel:
     def num_tasks(self) -> int:
         return self.bank.num_tasks
 
-    @property
-    def num_classes(self) -> int:
-        return int(self.classifier.shape[0]) if self.head is None else self.head.num_classes
-
     @torch.inference_mode()
     def features_and_site_vectors(
         self, hidden: Tensor, path: MoramPath = "fast", candidates: int | None = None
@@ -355,20 +351,6 @@ class MoramModel:
         del routers
         features, vectors = self.features_and_site_vectors(hidden, path, candidates)
         return features if self.head is None else head_inputs(features, vectors)
-
-    def scores(self, inputs: Tensor) -> Tensor:
-        """The served head's scores (B, C); in float32 even under a caller's bf16 autocast, as CaRE's."""
-        with _float32(inputs) as inputs32:
-            if self.head is not None:
-                return self.head.scores(inputs32)
-            return self.config.cosine_scale * cosine_logits(inputs32, self.classifier)
-
-    def probabilities(self, inputs: Tensor) -> Tensor:
-        """The served head's probabilities (B, C); in float32 even under a caller's bf16 autocast, as CaRE's."""
-        with _float32(inputs) as inputs32:
-            if self.head is not None:
-                return self.head.probabilities(inputs32)
-            return class_probabilities(cosine_logits(inputs32, self.classifier), self.config.cosine_scale)
 
     @torch.inference_mode()
     def logits(
