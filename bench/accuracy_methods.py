@@ -110,6 +110,32 @@ class FrozenHeadMethod:
         return {}
 
 
+class _HeadInputs(Protocol):
+    def head_inputs_from_embedding(self, hidden: Tensor) -> Tensor: ...
+
+    def scores(self, inputs: Tensor) -> Tensor: ...
+
+
+def served_predictions(model: _HeadInputs, embedded: Tensor) -> Tensor:
+    """The served head's argmax over every class of embedded images, in no-grad chunks (MoRAM's, SETA's network)."""
+    return torch.cat(
+        [
+            model.scores(model.head_inputs_from_embedding(embedded[i : i + CHUNK])).argmax(dim=1)
+            for i in range(0, len(embedded), CHUNK)
+        ]
+    )
+
+
+def lineage_bytes(
+    classifier: Tensor, statistics: HeadStatistics | None, head: AnalyticHead | None, bank: list[Tensor]
+) -> int:
+    """What a method keeps to continue: the cosine rows, the analytic head and its statistics, and its bank."""
+    tensors = [classifier, *bank]
+    if statistics is not None and head is not None:
+        tensors += [*statistics.to_tensors().values(), *head.to_tensors().values()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class MoramMethod:
     """MoRAM through the trainer and the served network the worker and the server use under `CARE_METHOD=moram`."""
 
@@ -133,21 +159,12 @@ class MoramMethod:
         lineage = self.lineage
         assert lineage.bank is not None
         model = MoramModel(self.config, self.backbone, lineage.bank, lineage.classifier, lineage.head)
-        return torch.cat(
-            [
-                model.scores(model.head_inputs_from_embedding(data.embedded[i : i + CHUNK])).argmax(dim=1)
-                for i in range(0, len(data.embedded), CHUNK)
-            ]
-        )
+        return served_predictions(model, data.embedded)
 
     def state_bytes(self) -> int:
         lineage = self.lineage
-        tensors = [lineage.classifier]
-        if lineage.head_statistics is not None and lineage.head is not None:
-            tensors += [*lineage.head_statistics.to_tensors().values(), *lineage.head.to_tensors().values()]
-        if lineage.bank is not None:
-            tensors += [t for site in lineage.bank.sites for t in (site.atoms.keys, site.atoms.values)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        bank = [] if lineage.bank is None else [t for s in lineage.bank.sites for t in (s.atoms.keys, s.atoms.values)]
+        return lineage_bytes(lineage.classifier, lineage.head_statistics, lineage.head, bank)
 
     def details(self) -> dict[str, Any]:
         bank = self.lineage.bank
@@ -320,22 +337,14 @@ class SetaMethod:
         lineage = self.lineage
         assert lineage.bank is not None
         model = SetaModel(self.config, self.backbone, lineage.bank, lineage.classifier, lineage.head)
-        return torch.cat(
-            [
-                model.scores(model.head_inputs_from_embedding(data.embedded[i : i + CHUNK])).argmax(dim=1)
-                for i in range(0, len(data.embedded), CHUNK)
-            ]
-        )
+        return served_predictions(model, data.embedded)
 
     def state_bytes(self) -> int:
         lineage = self.lineage
-        tensors = [lineage.classifier]
-        if lineage.head_statistics is not None and lineage.head is not None:
-            tensors += [*lineage.head_statistics.to_tensors().values(), *lineage.head.to_tensors().values()]
-        if lineage.bank is not None:
-            for site in lineage.bank.sites:
-                tensors += [site.gates, *vars(site.shared).values(), *vars(site.unique).values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        bank = []
+        for site in [] if lineage.bank is None else lineage.bank.sites:
+            bank += [site.gates, *vars(site.shared).values(), *vars(site.unique).values()]
+        return lineage_bytes(lineage.classifier, lineage.head_statistics, lineage.head, bank)
 
     def details(self) -> dict[str, Any]:
         return {

@@ -102,8 +102,8 @@ def test_presets_run_what_the_worker_serves_by_default() -> None:
         assert preset.train_config() == Settings().training()
 
 
-def test_accuracy_bench_runs_moram_on_a_tiny_stream() -> None:
-    """`care-bench accuracy --methods moram`: MoRAM's trainer and served head, no routers (issue 15)."""
+def test_accuracy_bench_runs_moram_and_seta_on_a_tiny_stream() -> None:
+    """`care-bench accuracy --methods moram,seta,seta-unanchored`: their trainers and served heads (issue 15)."""
     assert build_parser().parse_args(["accuracy", "--methods", "moram"]).methods.split(",") == ["moram"]
     preset = Preset(
         "digits5",
@@ -114,7 +114,7 @@ def test_accuracy_bench_runs_moram_on_a_tiny_stream() -> None:
         num_tasks=2,
         train=TrainConfig(epochs=1, batch_size=8, min_steps=2),
     )
-    result = run(preset, ["moram", "simplecil"])
+    result = run(preset, ["moram", "seta", "seta-unanchored", "simplecil"])
     moram = result["methods"]["moram"]
     stages = moram["accuracy"]["stages"]
     assert len(stages) == 2 and all(0.0 <= stage["overall"] <= 1.0 for stage in stages)
@@ -124,3 +124,8 @@ def test_accuracy_bench_runs_moram_on_a_tiny_stream() -> None:
     assert moram["state_bytes"] > 0
     # Its own first task's test images are not all wrong (4 classes, chance 0.25 after two tasks).
     assert stages[0]["overall"] > 0.5
+    # SETA: the shared experts' drift per task (none at the first) and its settings; the ablation has no anchor.
+    seta, loose = result["methods"]["seta"], result["methods"]["seta-unanchored"]
+    assert seta["shared_drift"][0] == 0.0 and seta["shared_drift"][1] > 0 and seta["state_bytes"] > 0
+    assert seta["seta_config"]["seta_anchor"] > 0 and loose["seta_config"]["seta_anchor"] == 0.0
+    assert len(seta["accuracy"]["stages"]) == 2 and seta["accuracy"]["stages"][0]["overall"] > 0.5
