@@ -322,6 +322,7 @@ class SetaMethod:
         self.offset = 0
         self.task_seconds: list[float] = []
         self.drift: list[float] = []
+        self.shared_scale: list[float] = []
 
     def learn(self, data: TaskData, num_classes: int) -> None:
         local = data.labels - self.offset
@@ -330,6 +331,7 @@ class SetaMethod:
         )
         self.task_seconds.append(learned.metrics["seconds"])
         self.drift.append(learned.metrics["shared_drift"])
+        self.shared_scale.append(learned.metrics["shared_scale"])
         self.lineage = advance_seta(self.lineage, learned, self.config.expert_dim)
         self.offset += num_classes
 
@@ -350,5 +352,6 @@ class SetaMethod:
         return {
             "task_train_seconds": [round(seconds, 2) for seconds in self.task_seconds],
             "shared_drift": [round(value, 5) for value in self.drift],
+            "shared_scale": [round(value, 6) for value in self.shared_scale],
             "seta_config": {key: value for key, value in self.config.to_dict().items() if key.startswith("seta_")},
         }

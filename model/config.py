@@ -83,7 +83,7 @@ class ModelConfig:
         seta_top_k: SETA: unique experts each sample's gate mixes (ours: the paper's k is not public).
         seta_gate_scale: SETA: the scale of the gate's cosine logits (its softmax temperature is 1 / scale).
         seta_anchor: SETA: lambda, the stiffness of the elastic anchor on the shared experts (unitless: the penalty
-            is divided by the largest importance; keep lambda * lr < 1).
+            is divided by the mean importance; applied as a proximal step, so any value is stable).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -104,7 +104,7 @@ class ModelConfig:
     moram_candidates: int = 0
     seta_top_k: int = 2
     seta_gate_scale: float = 10.0
-    seta_anchor: float = 10.0
+    seta_anchor: float = 100.0
 
     def __post_init__(self) -> None:
         if self.head not in ("analytic", "cosine"):
