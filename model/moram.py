@@ -46,12 +46,12 @@ from torch.nn import functional as F
 
 from model.adapter import LAYER_NORM_EPS
 from model.backbone import SiteBackbone, SiteFn
-from model.classifier import cosine_logits
 from model.config import ModelConfig, TrainConfig
 from model.head import AnalyticHead, HeadStatistics, head_inputs
+from model.loop import new_class_loss, sgd_epochs
 from model.network import ServedHead, run_sites
 from model.routers import RouterSource
-from model.trainer import EMBED_CHUNK, ProgressFn, TrainProgress, embed_images, extend_analytic_head
+from model.trainer import EMBED_CHUNK, ProgressFn, embed_images, extend_analytic_head
 
 NORM_EPS = 1e-12  # F.normalize's default, the code's guard for tokens whose responses are all ~0
 
@@ -490,44 +490,14 @@ def learn_moram_task_embedded(
 
         def loss_of(rows: Tensor) -> Tensor:
             features = run_sites(backbone, hidden[rows], site_fn)
-            scale = config.cosine_scale
-            if train.old_class_negatives and len(old_classifier):
-                logits = cosine_logits(features, torch.cat([old_classifier.detach(), block]))
-                return F.cross_entropy(scale * logits, labels[rows] + len(old_classifier))
-            return F.cross_entropy(scale * cosine_logits(features, block), labels[rows])
+            return new_class_loss(features, block, old_classifier, labels[rows], config.cosine_scale, train)
 
         groups = [
             {"params": [p for pair in params for p in pair], "lr_scale": ATOM_LR_SCALE},
             {"params": [block], "lr_scale": 1.0},
         ]
         optimizer = torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
-        batch = train.batch_size
-        steps_per_epoch = math.ceil(len(hidden) / batch)
-        epochs = max(train.epochs, math.ceil(train.min_steps / steps_per_epoch))
-        epoch_losses: list[float] = []
-        for epoch in range(epochs):
-            for group in optimizer.param_groups:
-                group["lr"] = group["lr_scale"] * train.lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-            order = torch.randperm(len(hidden), generator=generator).to(device)
-            total = 0.0
-            for step in range(steps_per_epoch):
-                loss = loss_of(order[step * batch : (step + 1) * batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach())
-                if progress is not None:
-                    progress(
-                        TrainProgress(
-                            "adapt",
-                            epoch + 1,
-                            epochs,
-                            epoch * steps_per_epoch + step + 1,
-                            epochs * steps_per_epoch,
-                            float(loss.detach()),
-                        )
-                    )
-            epoch_losses.append(total / steps_per_epoch)
+        epoch_losses = sgd_epochs(optimizer, loss_of, len(hidden), train, generator, progress)
     atoms = [AtomStack(keys.detach().clone(), values.detach().clone()) for keys, values in params]
     classifier = torch.cat([old_classifier, block.detach()])
     bank = bank_with(lineage.bank, atoms, rank)
@@ -544,7 +514,7 @@ def learn_moram_task_embedded(
         "first_loss": epoch_losses[0],
         "final_loss": epoch_losses[-1],
         "train_accuracy": accuracy,
-        "epochs": float(epochs),
+        "epochs": float(len(epoch_losses)),
         "seconds": time.perf_counter() - started,
     }
     return MoramTask(index, atoms, classifier, head, head_statistics, metrics)

@@ -53,12 +53,12 @@ from torch.nn import functional as F
 from model.adapter import LAYER_NORM_EPS, Adapter, adapters, shared_experts
 from model.backbone import SiteBackbone, SiteFn
 from model.bank import AdapterStack, FoldedAdapters
-from model.classifier import cosine_logits
 from model.config import ModelConfig, TrainConfig
 from model.head import AnalyticHead, HeadStatistics, head_inputs
+from model.loop import new_class_loss, sgd_epochs
 from model.network import ServedHead, run_sites
 from model.routers import RouterSource
-from model.trainer import EMBED_CHUNK, ProgressFn, TrainProgress, embed_images, extend_analytic_head
+from model.trainer import EMBED_CHUNK, ProgressFn, embed_images, extend_analytic_head
 
 SetaPath = Literal["fast", "reference"]
 
@@ -475,41 +475,20 @@ def learn_seta_task_embedded(
         def task_loss(rows: Tensor) -> Tensor:
             trainer.gate_losses.clear()
             features = run_sites(backbone, hidden[rows], trainer.site_fn)
-            scale = config.cosine_scale
-            if train.old_class_negatives and len(old_classifier):
-                logits = cosine_logits(features, torch.cat([old_classifier.detach(), trainer.block]))
-                return F.cross_entropy(scale * logits, labels[rows] + len(old_classifier))
-            return F.cross_entropy(scale * cosine_logits(features, trainer.block), labels[rows])
+            return new_class_loss(features, trainer.block, old_classifier, labels[rows], config.cosine_scale, train)
+
+        def with_gate_loss(rows: Tensor) -> Tensor:
+            return task_loss(rows) + torch.stack(trainer.gate_losses).mean()
+
+        def anchor_step(lr: float) -> None:
+            if anchor is not None and lineage.importance is not None:
+                _pull_to_anchor(trainer.shared, anchor, lineage.importance, 2 * lr * config.seta_anchor)
 
         optimizer = torch.optim.SGD(
             trainer.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
         )
-        batch = train.batch_size
-        steps_per_epoch = math.ceil(len(hidden) / batch)
-        epochs = max(train.epochs, math.ceil(train.min_steps / steps_per_epoch))
-        epoch_losses: list[float] = []
-        for epoch in range(epochs):
-            for group in optimizer.param_groups:
-                group["lr"] = train.lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-            order = torch.randperm(len(hidden), generator=generator).to(device)
-            total = 0.0
-            for step in range(steps_per_epoch):
-                loss = task_loss(order[step * batch : (step + 1) * batch])
-                loss = loss + torch.stack(trainer.gate_losses).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if anchor is not None and lineage.importance is not None:
-                    rate = 2 * optimizer.param_groups[0]["lr"] * config.seta_anchor
-                    _pull_to_anchor(trainer.shared, anchor, lineage.importance, rate)
-                total += float(loss.detach())
-                if progress is not None:
-                    done = epoch * steps_per_epoch + step + 1
-                    progress(
-                        TrainProgress("adapt", epoch + 1, epochs, done, epochs * steps_per_epoch, float(loss.detach()))
-                    )
-            epoch_losses.append(total / steps_per_epoch)
-        fisher = _fisher(trainer, task_loss, len(hidden), batch)
+        epoch_losses = sgd_epochs(optimizer, with_gate_loss, len(hidden), train, generator, progress, anchor_step)
+        fisher = _fisher(trainer, task_loss, len(hidden), train.batch_size)
     importance = (
         fisher if lineage.importance is None else [_add(a, b) for a, b in zip(lineage.importance, fisher, strict=True)]
     )
@@ -531,7 +510,7 @@ def learn_seta_task_embedded(
         "first_loss": epoch_losses[0],
         "final_loss": epoch_losses[-1],
         "train_accuracy": accuracy,
-        "epochs": float(epochs),
+        "epochs": float(len(epoch_losses)),
         "shared_drift": drift,
         "shared_scale": float(torch.stack([stack.scale.abs().mean() for stack in shared]).mean()),
         "seconds": time.perf_counter() - started,
