@@ -23,6 +23,7 @@ for another backbone or configuration are refused with a message that says what 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
@@ -171,13 +172,7 @@ def adapter_stack_from_tensors(
     )
 
 
-_STACK_KEYS = dict(
-    zip(
-        _ADAPTER_KEYS,
-        ("norm_weight", "norm_bias", "down_weight", "down_bias", "up_weight", "up_bias", "scale"),
-        strict=True,
-    )
-)
+_STACK_KEYS = dict(zip(_ADAPTER_KEYS, (f.name for f in dataclasses.fields(AdapterStack)), strict=True))
 
 
 def adapter_stack_tensors(prefix: str, stack: AdapterStack) -> dict[str, Tensor]:

@@ -40,6 +40,7 @@ and continues training from, exactly that version's shared experts and anchor.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -327,28 +328,28 @@ def _detached_stack(adapter: Adapter) -> AdapterStack:
 
 def _load_adapter(adapter: Adapter, stack: AdapterStack) -> None:
     with torch.no_grad():
-        adapter.norm.weight.copy_(stack.norm_weight[0])
-        adapter.norm.bias.copy_(stack.norm_bias[0])
-        adapter.down.weight.copy_(stack.down_weight[0])
-        adapter.down.bias.copy_(stack.down_bias[0])
-        adapter.up.weight.copy_(stack.up_weight[0])
-        adapter.up.bias.copy_(stack.up_bias[0])
-        adapter.scale.copy_(stack.scale[0])
+        for name, value in zip(_STACK_FIELDS, _ordered(adapter), strict=True):
+            value.copy_(getattr(stack, name)[0])
 
 
-def _pull_to_anchor(
-    shared: Sequence[Adapter], anchor: Sequence[AdapterStack], importance: Sequence[AdapterStack], rate: float
-) -> None:
-    """The proximal step of rate/2 * sum_j Omega_j (theta_j - theta*_j)^2 (Omega normalised to mean 1): every shared
-    parameter moves back towards the anchor by the factor 1 / (1 + rate Omega_j), stable for any rate."""
+def _normalized(importance: Sequence[AdapterStack]) -> list[AdapterStack]:
+    """Omega divided by its mean over every shared parameter of every site (computed once per task)."""
     total = sum(float(t.sum()) for omega in importance for t in vars(omega).values())
     count = sum(t.numel() for omega in importance for t in vars(omega).values())
     mean = max(total / max(count, 1), 1e-30)
+    return [AdapterStack(**{name: t / mean for name, t in vars(omega).items()}) for omega in importance]
+
+
+def _pull_to_anchor(
+    shared: Sequence[Adapter], anchor: Sequence[AdapterStack], weights: Sequence[AdapterStack], rate: float
+) -> None:
+    """The proximal step of rate/2 * sum_j w_j (theta_j - theta*_j)^2 (w = Omega normalised to mean 1): every shared
+    parameter moves back towards the anchor by the factor 1 / (1 + rate w_j), stable for any rate."""
     with torch.no_grad():
-        for adapter, theta, omega in zip(shared, anchor, importance, strict=True):
+        for adapter, theta, weight in zip(shared, anchor, weights, strict=True):
             for name, value in zip(_STACK_FIELDS, _ordered(adapter), strict=True):
                 target = getattr(theta, name)[0]
-                shrink = 1.0 / (1.0 + rate * getattr(omega, name)[0] / mean)
+                shrink = 1.0 / (1.0 + rate * getattr(weight, name)[0])
                 value.copy_(target + (value - target) * shrink)
 
 
@@ -480,9 +481,11 @@ def learn_seta_task_embedded(
         def with_gate_loss(rows: Tensor) -> Tensor:
             return task_loss(rows) + torch.stack(trainer.gate_losses).mean()
 
+        weights = None if lineage.importance is None else _normalized(lineage.importance)
+
         def anchor_step(lr: float) -> None:
-            if anchor is not None and lineage.importance is not None:
-                _pull_to_anchor(trainer.shared, anchor, lineage.importance, 2 * lr * config.seta_anchor)
+            if anchor is not None and weights is not None:
+                _pull_to_anchor(trainer.shared, anchor, weights, 2 * lr * config.seta_anchor)
 
         optimizer = torch.optim.SGD(
             trainer.parameters(), lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay
@@ -538,7 +541,7 @@ def _fisher(trainer: _SetaTrainer, task_loss: Callable[[Tensor], Tensor], count:
     return sums
 
 
-_STACK_FIELDS = ("norm_weight", "norm_bias", "down_weight", "down_bias", "up_weight", "up_bias", "scale")
+_STACK_FIELDS = tuple(f.name for f in dataclasses.fields(AdapterStack))
 
 
 def _ordered(adapter: Adapter) -> list[Tensor]:
