@@ -50,7 +50,15 @@ def _bench_model(args: argparse.Namespace) -> int:
         batch = args.batch_vit if "vit" in name else args.batch
         methods = [m for m in args.methods.split(",") if m]
         rows += bench_backbone(
-            name, args.tasks, batch, size, args.repeats, args.reference_max_tasks, logger.info, methods
+            name,
+            args.tasks,
+            batch,
+            size,
+            args.repeats,
+            args.reference_max_tasks,
+            logger.info,
+            methods,
+            torch.device(args.device),
         )
     path = write_report(rows, Path(args.out), machine_description())
     print(markdown_table(rows))  # noqa: T201 - the table is the command's output
@@ -243,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--repeats", type=int, default=15)
     model.add_argument("--reference-max-tasks", type=int, default=300, help="skip the reference path above this")
     model.add_argument("--threads", type=int, default=2)
+    model.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1 (times include a sync)")
     model.add_argument(
         "--methods",
         default="",

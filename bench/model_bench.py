@@ -34,6 +34,7 @@ from model.synthetic import random_shared, random_task
 from model.trainer import head_block_dims
 
 logger = logging.getLogger(__name__)
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,10 @@ class ModelBenchRow:
 
 
 def random_model(
-    config: ModelConfig, backbone: SiteBackbone, num_tasks: int, seed: int = 0
+    config: ModelConfig, backbone: SiteBackbone, num_tasks: int, seed: int = 0, device: torch.device = CPU
 ) -> tuple[CareModel, ResidentRouters]:
-    """A CareModel of `num_tasks` random tasks (3 classes each) with its routers in memory."""
+    """A CareModel of `num_tasks` random tasks (3 classes each) with its routers in memory, on `device` (the
+    backbone is moved there in place). The weights are drawn on the CPU, so every device gets the same model."""
     generator = torch.Generator().manual_seed(seed)
     dims = backbone.site_dims
     shared = artifacts.shared_tensors(random_shared(config, dims, generator))
@@ -75,7 +77,8 @@ def random_model(
     head = AnalyticHead(
         torch.ones(width), torch.randn(width, classes, generator=generator) / width**0.5, torch.zeros(classes), 1.0
     )
-    return CareModel(config, backbone, bank, classifier, head), ResidentRouters(routers)
+    model = CareModel(config, backbone, bank, classifier, head)
+    return model.to(device), ResidentRouters(routers).to(device)
 
 
 METHOD_COLUMNS = {"moram": ("moram", "moram-bounded"), "seta": ("seta",)}
@@ -105,7 +108,7 @@ def method_models(
                 )
                 for d in backbone.site_dims
             ]
-            bank = AtomBank(sites, rank)
+            bank = AtomBank(sites, rank).to(classifier.device)
             bank.prepare_fast_path()
             faithful = MoramModel(config, backbone, bank, classifier, head)
             bounded_config = dataclasses.replace(config, moram_candidates=BOUNDED_CANDIDATES)
@@ -114,7 +117,7 @@ def method_models(
             calls["moram-bounded"] = bounded.predict_proba
         elif name == "seta":
             config = dataclasses.replace(care.config, method="seta")
-            seta_bank = random_seta_bank(config, backbone.site_dims, num_tasks, generator)
+            seta_bank = random_seta_bank(config, backbone.site_dims, num_tasks, generator).to(classifier.device)
             seta_bank.prepare_fast_path()
             calls["seta"] = SetaModel(config, backbone, seta_bank, classifier, head).predict_proba
         else:
@@ -122,10 +125,18 @@ def method_models(
     return calls
 
 
+def synchronize() -> None:
+    """Wait for queued CUDA work, so that a wall-clock interval covers the kernels it launched (a no-op on a CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_call(fn: Callable[[], object]) -> float:
-    """Wall seconds of one call."""
+    """Wall seconds of one call, its CUDA kernels included."""
+    synchronize()
     started = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - started
 
 
@@ -138,14 +149,15 @@ def bench_backbone(
     reference_max_tasks: int,
     progress: Callable[[str], None],
     methods: Sequence[str] = (),
+    device: torch.device = CPU,
 ) -> list[ModelBenchRow]:
-    """Median forward seconds per batch for each task count (and of each other method in `methods`)."""
+    """Median forward seconds per batch for each task count (and of each other method in `methods`), on `device`."""
     config = ModelConfig(backbone=name, image_size=image_size)
     backbone = build_backbone(config, "bundled" if bundled_weights_available(name) else "random")
-    images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     for count in task_counts:
-        model, routers = random_model(config, backbone, count)
+        model, routers = random_model(config, backbone, count, device=device)
         others = method_models(methods, model, count)
         run_reference = count <= reference_max_tasks
         with torch.inference_mode():

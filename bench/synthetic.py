@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -76,7 +77,12 @@ def _routing_vectors(
 
 
 def keyed_learned_tasks(
-    store: ModelStore, keys: Tensor, classes: int, generator: torch.Generator, sharpness: float = 8.0
+    store: ModelStore,
+    keys: Tensor,
+    classes: int,
+    generator: torch.Generator,
+    sharpness: float = 8.0,
+    device: torch.device | None = None,
 ) -> list[LearnedTask]:
     """Random tasks whose perceptrons are keyed to one image each, so that image t is routed to task t's router.
 
@@ -84,21 +90,27 @@ def keyed_learned_tasks(
     trained ones are confident on their own classes. To benchmark caches under realistic task mixes, task t's
     perceptron at every site is set to give its first class a logit of `sharpness` on key image t (and less on
     images whose routing vectors differ), site by site so that each site sees the routing the earlier ones chose.
+    The routing vectors are computed on `device` when given (a copy of the backbone there: minutes of CPU at
+    hundreds of tasks), the tasks are made and returned on the CPU.
     """
     config, backbone = store.config, store.backbone
+    routing_backbone = backbone if device is None else copy.deepcopy(backbone).to(device)
+    routing_keys = keys if device is None else keys.to(device)
     dims = backbone.site_dims
     tasks = [random_task(config, dims, index, classes, generator) for index in range(len(keys))]
     shared = random_shared(config, dims, generator)
     routers = ResidentRouters(
         [[(t.router(s).weight.detach(), t.router(s).bias.detach()) for s in range(t.num_sites)] for t in tasks]
     )
+    routing_routers = routers if device is None else routers.to(device)  # the routers stay as drawn
 
     def bank() -> ExpertBank:
         stacked = [(artifacts.task_expert_tensors(t), classes) for t in tasks]
         return artifacts.stack_tasks(artifacts.shared_tensors(shared), stacked, config, dims)
 
     for site in range(backbone.num_sites):
-        vectors = _routing_vectors(backbone, bank(), routers, config, keys, site)
+        site_bank = bank() if device is None else bank().to(device)  # the perceptrons change site by site
+        vectors = _routing_vectors(routing_backbone, site_bank, routing_routers, config, routing_keys, site).cpu()
         with torch.no_grad():
             for index, task in enumerate(tasks):
                 own = F.layer_norm(task.expert(site)(vectors[index]), (dims[site],))  # LN(c_t) of its key image

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 # Per site: (weight (t, d), bias (t,)) of one task's router, t = 1-based task number.
@@ -42,3 +43,7 @@ class ResidentRouters:
     def with_task(self, routers: TaskRouters) -> ResidentRouters:
         """A new source with one more task's routers; this one is unchanged."""
         return ResidentRouters([*self.routers, routers])
+
+    def to(self, device: torch.device | str) -> ResidentRouters:
+        """Every router on `device` (offline benchmarks and probes; the server's cache places its own)."""
+        return ResidentRouters([[(w.to(device), b.to(device)) for w, b in task] for task in self.routers])

@@ -30,22 +30,31 @@ from PIL import Image
 from bench.model_bench import random_model
 from model.backbone import build_backbone, bundled_weights_available
 from model.config import ModelConfig
+from model.network import CareModel
+from model.routers import ResidentRouters
 from service.inference.acceleration import Acceleration
 from service.ingest.images import decode_image_tensor
 from service.ingest.limits import UploadLimits
 
 
-def variants(device: torch.device) -> dict[str, Acceleration]:
-    cuda = device.type == "cuda"
+def variants(device: torch.device, chosen: list[str] | None = None) -> dict[str, Acceleration]:
+    """Each switch alone and all together (`chosen`: a subset by name; "plain" is always kept as the reference).
+    The CUDA-only settings (pinned host buffers, and "all", which includes them) are skipped on a CPU."""
     options: dict[str, dict[str, Any]] = {
         "plain": {},
         "bf16": {"precision": "bf16"},
         "channels_last": {"channels_last": True},
         "compile": {"compile_trunk": True},
+        "pinned": {"pin_memory": True},
+        "all": {"precision": "bf16", "channels_last": True, "compile_trunk": True, "pin_memory": True},
     }
-    if cuda:
-        options["pinned"] = {"pin_memory": True}
-        options["all"] = {"precision": "bf16", "channels_last": True, "compile_trunk": True, "pin_memory": True}
+    if chosen:
+        unknown = set(chosen) - set(options)
+        if unknown:
+            raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(options)}")
+        options = {name: values for name, values in options.items() if name == "plain" or name in chosen}
+    if device.type != "cuda":
+        options = {name: values for name, values in options.items() if name not in ("pinned", "all")}
     return {name: Acceleration.resolve(device, **values) for name, values in options.items()}
 
 
@@ -63,12 +72,13 @@ def probe_backbone(name: str, args: argparse.Namespace, device: torch.device) ->
     config = dataclasses.replace(config, sites=tuple(probe.site_names), image_size=size)
     batch = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     served: dict[str, tuple[Any, Any, Acceleration]] = {}
-    for label, acceleration in variants(device).items():
-        torch.manual_seed(0)
+    chosen = [name for name in args.variants.split(",") if name] if args.variants else None
+    # The tasks are drawn once (ViT-B's routers at 300 tasks are 1.7 GB); each variant gets a backbone of its own,
+    # since its switches change the backbone in place.
+    base, routers = random_model(config, build_backbone(config, weights), args.tasks, device=device)
+    for label, acceleration in variants(device, chosen).items():
         backbone = build_backbone(config, weights).to(device)
-        network, routers = random_model(config, backbone, args.tasks)
-        network = network.to(device)
-        routers = routers.to(device) if hasattr(routers, "to") else routers
+        network = CareModel(config, backbone, base.bank, base.classifier, base.head)
         started = time.perf_counter()
         acceleration.prepare(backbone)
         served[label] = (network, routers, acceleration)
@@ -91,6 +101,8 @@ def probe_backbone(name: str, args: argparse.Namespace, device: torch.device) ->
             call(label)
             times[label].append(time.perf_counter() - started)
     reference = call("plain").float().cpu()
+    if device.type == "cuda":
+        results["cuda_correctness"] = cuda_correctness(config, weights, batch, served["plain"][:2], device)
     for label in served:
         out = call(label).float().cpu()
         results.setdefault("variants", {})[label] = {
@@ -100,6 +112,43 @@ def probe_backbone(name: str, args: argparse.Namespace, device: torch.device) ->
             "max_probability_difference": float((out - reference).abs().max()),
         }
     return results
+
+
+def agreement(out: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    out, reference = out.float().cpu(), reference.float().cpu()
+    return {
+        "top1_agreement": float((out.argmax(1) == reference.argmax(1)).float().mean()),
+        "max_abs_difference": float((out - reference).abs().max()),
+    }
+
+
+def cuda_correctness(
+    config: ModelConfig,
+    weights: str,
+    batch: torch.Tensor,
+    plain: tuple[CareModel, ResidentRouters],
+    device: torch.device,
+) -> dict[str, Any]:
+    """The plain fp32 path on CUDA against the same model on the CPU (probabilities), and the fast path against the
+    reference path on CUDA (head inputs: the routed features), on the same batch."""
+    network, routers = plain
+    with torch.inference_mode():
+        on_cuda = network.predict_proba(batch.to(device), routers)
+        fast = network.head_inputs_from_embedding(network.backbone.embed(batch.to(device)), routers, "fast")
+        reference = network.head_inputs_from_embedding(network.backbone.embed(batch.to(device)), routers, "reference")
+    cpu = torch.device("cpu")
+    head = None if network.head is None else network.head.to(cpu)
+    cpu_network = CareModel(
+        config, build_backbone(config, weights), network.bank.to(cpu), network.classifier.cpu(), head
+    )
+    cpu_routers = routers.to(cpu)
+    with torch.inference_mode():
+        on_cpu = cpu_network.predict_proba(batch, cpu_routers)
+    return {
+        "cuda_vs_cpu_probabilities": agreement(on_cuda, on_cpu),
+        "fast_vs_reference_head_inputs_max_abs_difference": float((fast - reference).abs().max()),
+        "head_inputs_max_abs": float(reference.abs().max()),
+    }
 
 
 def probe_nvjpeg(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -139,6 +188,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--jpegs", type=int, default=50)
     parser.add_argument("--jpeg-size", type=int, default=1024)
+    parser.add_argument("--variants", default="", help="a subset of the switch settings (default: all of them)")
     parser.add_argument("--out", default="gpu_path.json")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

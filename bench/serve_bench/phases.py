@@ -440,7 +440,7 @@ def run(config: ServeBenchConfig, progress: Callable[[str], None]) -> ServeBench
         preprocess = Preprocessor(make_transform(backbone, size), upload_limits(settings), CPU)
         keys = torch.cat([preprocess([(f"key-{i}", data)]) for i, data in enumerate(encoded)])
         started = time.perf_counter()
-        tasks = TaskSource(store, keys, config.classes_per_task, config.seed)
+        tasks = TaskSource(store, keys, config.classes_per_task, config.seed, settings.torch_device())
         progress(
             f"built {largest} keyed tasks ({model_config.backbone}, {size} px) in {time.perf_counter() - started:.0f} s"
         )
@@ -451,7 +451,7 @@ def run(config: ServeBenchConfig, progress: Callable[[str], None]) -> ServeBench
             tasks=tasks,
             traffic=Traffic(encoded, config.image_format),
             keys=keys,
-            offline=Offline(store),
+            offline=Offline(store, settings.torch_device()),
             workdir=workdir,
             progress=progress,
         )

@@ -3,6 +3,7 @@ size (`TaskSource`), and the backbone alone, the fast and the reference path tim
 
 from __future__ import annotations
 
+import copy
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -44,13 +45,15 @@ class TaskSource:
         keys: One preprocessed image per keyed task (exactly what the server computes from the client's images).
         classes: Classes per task.
         seed: Seeds the task weights.
+        device: Where the keyed routing is computed (the servers' device; the tasks are the same on any).
     """
 
-    def __init__(self, store: ModelStore, keys: Tensor, classes: int, seed: int) -> None:
+    def __init__(self, store: ModelStore, keys: Tensor, classes: int, seed: int, device: torch.device = CPU) -> None:
         self.store = store
         self.classes = classes
         self.generator = torch.Generator().manual_seed(seed + 1)
-        self.keyed = keyed_learned_tasks(store, keys, classes, torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        self.keyed = keyed_learned_tasks(store, keys, classes, generator, device=None if device == CPU else device)
         self.full_classifier = self.keyed[-1].classifier
         self.manifest: Manifest | None = None
         self.classifier = torch.empty(0, store.backbone.feature_dim)
@@ -94,12 +97,19 @@ class TaskSource:
 
 
 class Offline:
-    """The backbone alone, and the fast and reference paths of a version, in this process."""
+    """The backbone alone, and the fast and reference paths of a version, in this process, on the servers' device.
 
-    def __init__(self, store: ModelStore) -> None:
+    Images are moved to the device before the clock starts; the times include waiting for the device's kernels.
+    """
+
+    def __init__(self, store: ModelStore, device: torch.device = CPU) -> None:
+        if device != CPU:  # a store of its own reading the same registry, its backbone a copy on the device
+            backbone = copy.deepcopy(store.backbone).to(device)
+            store = ModelStore(store.registry, store.config, backbone, device)
         self.store = store
+        self.device = device
         self.backbone: SiteBackbone = store.backbone
-        self.loader = SnapshotLoader(store, new_router_cache(CPU, None))
+        self.loader = SnapshotLoader(store, new_router_cache(device, None))
         self.served: ServedVersion | None = None
 
     def load(self, manifest: Manifest) -> ServedVersion:
@@ -107,6 +117,7 @@ class Offline:
         return self.served
 
     def backbone_s(self, images: Tensor) -> float:
+        images = images.to(self.device)
         with torch.inference_mode():
             return time_call(lambda: self.backbone.forward_plain(images))
 
@@ -114,6 +125,7 @@ class Offline:
         served = self.served
         assert served is not None and isinstance(served.network, CareModel) and served.routers is not None
         network, routers = served.network, served.routers
+        images = images.to(self.device)
         with torch.inference_mode():
             return time_call(lambda: network.logits(images, routers, "fast" if path == "fast" else "reference"))
 
@@ -122,7 +134,7 @@ class Offline:
         served = self.served
         assert served is not None and isinstance(served.network, CareModel) and served.routers is not None
         selected: list[Tensor] = []
-        served.network.forward_features(images, served.routers, "fast", selected)
+        served.network.forward_features(images.to(self.device), served.routers, "fast", selected)
         per_image = torch.cat(selected, dim=1)
         own = [int(torch.mode(row).values) == task for row, task in zip(per_image, tasks, strict=True)]
         return sum(own) / len(own)

@@ -7,6 +7,7 @@ predicts the new classes back, is scraped like Prometheus would, and shuts down 
 from __future__ import annotations
 
 import io
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ ENV = {
     "train_threads": "1",
     "worker_poll_s": "0.2",
     "provisional": "false",  # version numbers below count trained tasks; see tests/e2e/test_provisional.py
-    "device": "cpu",
+    # CPU in CI; CARE_TEST_DEVICE=cuda runs the same learning and serving on a GPU (tools/device_checks.sh).
+    "device": os.environ.get("CARE_TEST_DEVICE", "cpu"),
 }
 
 

@@ -68,3 +68,12 @@ def test_sparse_gates_equal_dense_gates_up_to_the_masked_tail() -> None:
     torch.testing.assert_close(scattered, dense_gates(logits, 3), atol=1e-30, rtol=1e-6)
     assert torch.allclose(weights.reshape(4, 2, 3).sum(-1), torch.ones(4, 2))
     assert scattered[0].count_nonzero() <= 5
+
+
+def test_resident_routers_move_every_tensor_and_leave_the_source_unchanged() -> None:
+    routers = ResidentRouters([[(torch.randn(t + 1, 4), torch.randn(t + 1)) for _ in range(3)] for t in range(2)])
+    moved = routers.to("meta")  # a device with no data: any tensor left behind would still say "cpu"
+    assert [[(w.device.type, b.device.type) for w, b in task] for task in moved.routers] == [[("meta", "meta")] * 3] * 2
+    assert [[tuple(w.shape) for w, _ in task] for task in moved.routers] == [[(1, 4)] * 3, [(2, 4)] * 3]
+    with routers.hold(1) as original:
+        assert all(w.device.type == "cpu" for w, _ in original)
