@@ -9,7 +9,7 @@
 # Each step runs under its own time limit, so that one slow step cannot take the others' results with it; results
 # are packed into $OUT/results.tgz after every step. Python packages the machine lacks travel as wheels in .whl/
 # (see /work/.library/device/README.md). SMOKE=1 runs every step with tiny settings on whatever machine this is
-# (a CPU here) to check the script itself; SKIP_E2E=1 leaves out the end-to-end test (which CI runs anyway).
+# (a CPU here) to check the script itself; SKIP_E2E=1 and SKIP_MODEL=1 leave out those steps.
 #
 #   run(command="bash tools/device_checks.sh", carry=[".whl"], timeout_s=600)
 #   SMOKE=1 PY=.venv/bin/python OUT=/tmp/out bash tools/device_checks.sh
@@ -81,9 +81,9 @@ step serve_cnn 160 env CARE_DEVICE=$DEVICE "$PY" -m bench.cli serve --backbone "
 
 # 4. The model bench on the device: the backbone alone, the fast path, served with the head (1000 tasks only for
 #    the CNN: ViT-B's routers at 1000 tasks are about 18 GB of random numbers to draw on the CPU first).
-step model_vit 60 "$PY" -m bench.cli model --device "$DEVICE" --backbones "$VIT" --batch-vit 16 \
+[ "${SKIP_MODEL:-0}" = 1 ] || step model_vit 60 "$PY" -m bench.cli model --device "$DEVICE" --backbones "$VIT" --batch-vit 16 \
     --tasks "10,$TASKS" --repeats "$REPEATS" --reference-max-tasks 10 --threads 4 --out "$RESULTS/model_vit"
-step model_cnn 80 "$PY" -m bench.cli model --device "$DEVICE" --backbones "$CNN" --batch 16 \
+[ "${SKIP_MODEL:-0}" = 1 ] || step model_cnn 80 "$PY" -m bench.cli model --device "$DEVICE" --backbones "$CNN" --batch 16 \
     --tasks "10,$TASKS,$MANY" --repeats "$REPEATS" --reference-max-tasks 10 --threads 4 --out "$RESULTS/model_cnn"
 
 # 5. The CNN's switches (channels-last matters there), then the serve bench at ViT-B scale with what time is left
