@@ -141,6 +141,13 @@ class Metrics:
         self.batch_size = Histogram(
             "care_batch_size", "Images per inference batch", buckets=BATCH_BUCKETS, registry=registry
         )
+        self.batch_inference_seconds = Histogram(
+            "care_batch_inference_seconds",
+            "Model time of one inference batch (preprocessed images in, probabilities out): a request's latency less "
+            "this is its decoding, queueing and HTTP",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.queue_images = Gauge("care_predict_queue_images", "Images waiting for inference", registry=registry)
         self.version_load_seconds = Histogram(
             "care_version_load_seconds",
@@ -152,6 +159,11 @@ class Metrics:
             "care_version_load_failures", "Published versions refused (corrupt or incompatible)", registry=registry
         )
         registry.register(_StateCollector(cache_stats, jobs))
+
+    def record_batch(self, images: int, seconds: float) -> None:
+        """One inference batch: its size and its model time."""
+        self.batch_size.observe(images)
+        self.batch_inference_seconds.observe(seconds)
 
     def watch_data_dir(self, usage: Callable[[], Mapping[str, int]]) -> None:
         """Export ``care_data_dir_bytes{kind}`` from ``usage`` (bytes by kind), called at scrape time."""

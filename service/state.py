@@ -134,7 +134,7 @@ def build_state(settings: Settings) -> AppState:
         max_wait_s=settings.max_batch_wait_ms / 1000,
         max_queue_images=settings.max_queue_images,
         threads=settings.serve_threads,
-        on_batch=metrics.batch_size.observe,
+        on_batch=metrics.record_batch,
         on_queue=metrics.queue_images.set,
     )
     preprocess = Preprocessor(make_transform(backbone, config.image_size), limits, device, acceleration=acceleration)

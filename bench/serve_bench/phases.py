@@ -148,11 +148,12 @@ async def latency_phase(bench: Bench, server: ServerProcess, num_tasks: int) -> 
     requests = summarize(records, start, end)
     baseline_requests = summarize(baseline_records, start, end)
     backbone_ms, fast_ms, reference_ms = ms(median(times["backbone"])), ms(median(times["fast"])), ms(median(reference))
+    stats = window_stats(before, after)
     row: LatencyRow = {
         "tasks": num_tasks,
         "batch": batch,
         **requests,
-        **window_stats(before, after),
+        **stats,
         "server_rss_bytes": server.rss_bytes(),
         "backbone_ms": backbone_ms,
         "fast_ms": fast_ms,
@@ -162,6 +163,7 @@ async def latency_phase(bench: Bench, server: ServerProcess, num_tasks: int) -> 
         "own_task_routing": round(own, 3),
         "p50_over_backbone": round(requests["p50_ms"] / backbone_ms, 3),
         "fast_over_backbone": round(fast_ms / backbone_ms, 3),
+        "server_model_over_backbone": round(stats["server_model_ms"] / backbone_ms, 3),
         "reference_over_fast": round(reference_ms / fast_ms, 2),
         "baseline_requests": baseline_requests["requests"],
         "baseline_failed": baseline_requests["failed"],
@@ -175,8 +177,9 @@ async def latency_phase(bench: Bench, server: ServerProcess, num_tasks: int) -> 
         f"T={num_tasks}: p50 {row['p50_ms']:.1f} ms (p95 {row['p95_ms']:.1f}, p99 {row['p99_ms']:.1f}), backbone alone "
         f"{row['backbone_ms']:.1f} ms ({row['p50_over_backbone']:.2f}x, paired {row['paired_p50_over_backbone']:.2f}x)"
         f", baseline server {row['baseline_p50_ms']:.1f} ms ({row['p50_over_baseline']:.2f}x, paired "
-        f"{row['paired_p50_over_baseline']:.2f}x), fast {row['fast_ms']:.1f} ms, reference {row['reference_ms']:.1f} "
-        f"ms, hit ratio {row['hit_ratio']}, {row['requests']} requests, {row['failed']} failed"
+        f"{row['paired_p50_over_baseline']:.2f}x), fast {row['fast_ms']:.1f} ms, model in the server "
+        f"{row['server_model_ms']:.1f} ms, reference {row['reference_ms']:.1f} ms, hit ratio {row['hit_ratio']}, "
+        f"{row['requests']} requests, {row['failed']} failed"
     )
     return row
 

@@ -26,6 +26,7 @@ class WindowStats(TypedDict):
     batches: int
     mean_batch_size: float
     batch_size_histogram: dict[str, int]
+    server_model_ms: float  # mean model time per batch inside the server (care_batch_inference_seconds)
     router_lookups: int
     hit_ratio: float
     evictions: int
@@ -47,6 +48,7 @@ class LatencyRow(RequestStats, WindowStats):
     own_task_routing: float
     p50_over_backbone: float
     fast_over_backbone: float
+    server_model_over_backbone: float  # the model's time per batch in the server over the backbone alone offline
     reference_over_fast: float
     # The minimal baseline server (bench/serve_bench/baseline.py): the same request bodies, alternated with the
     # server's in the same window.

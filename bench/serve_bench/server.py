@@ -31,6 +31,8 @@ class MetricsSnapshot:
     resident_routers: float
     version_loads: float
     version_load_seconds: float
+    inference_count: float = 0.0
+    inference_seconds: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> MetricsSnapshot:
@@ -54,12 +56,17 @@ class MetricsSnapshot:
             resident_routers=get("care_router_cache_resident_routers", tier="device"),
             version_loads=get("care_version_load_seconds_count"),
             version_load_seconds=get("care_version_load_seconds_sum"),
+            inference_count=get("care_batch_inference_seconds_count"),
+            inference_seconds=get("care_batch_inference_seconds_sum"),
         )
 
 
 def window_stats(before: MetricsSnapshot, after: MetricsSnapshot) -> WindowStats:
-    """Batch sizes, router cache hit ratio and resident bytes over the window between two snapshots."""
+    """Batch sizes, the model's mean time per batch in the server, router cache hit ratio and resident bytes over the
+    window between two snapshots."""
     batches = after.batch_count - before.batch_count
+    inferences = after.inference_count - before.inference_count
+    inference_seconds = after.inference_seconds - before.inference_seconds
     lookups = (after.hits - before.hits) + (after.misses - before.misses)
     previous = 0.0
     histogram: dict[str, int] = {}
@@ -71,6 +78,7 @@ def window_stats(before: MetricsSnapshot, after: MetricsSnapshot) -> WindowStats
         "batches": int(batches),
         "mean_batch_size": round((after.batch_sum - before.batch_sum) / batches, 2) if batches else math.nan,
         "batch_size_histogram": {k: v for k, v in histogram.items() if v},
+        "server_model_ms": round(1000 * inference_seconds / inferences, 2) if inferences else math.nan,
         "router_lookups": int(lookups),
         "hit_ratio": round((after.hits - before.hits) / lookups, 4) if lookups else math.nan,
         "evictions": int(after.evictions - before.evictions),

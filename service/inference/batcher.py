@@ -51,7 +51,7 @@ class MicroBatcher:
         max_wait_s: How long the first request of a batch waits for company.
         max_queue_images: Images allowed to wait; beyond it `submit` raises 429 overloaded.
         threads: Torch threads of the inference thread.
-        on_batch: Called with the size of each batch run (metrics).
+        on_batch: Called with the size and the model seconds of each batch run (metrics).
         on_queue: Called with the number of images waiting whenever it changes: when a request is queued, when
             requests are taken into a batch, and when stop fails the rest (metrics).
     """
@@ -64,7 +64,7 @@ class MicroBatcher:
         max_wait_s: float,
         max_queue_images: int,
         threads: int,
-        on_batch: Callable[[int], None] | None = None,
+        on_batch: Callable[[int, float], None] | None = None,
         on_queue: Callable[[int], None] | None = None,
     ) -> None:
         self._served = served
@@ -197,7 +197,7 @@ class MicroBatcher:
         elapsed = time.perf_counter() - started
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * elapsed / len(images)
         if self._on_batch is not None:
-            self._on_batch(len(images))
+            self._on_batch(len(images), elapsed)
         offset = 0
         for pending in batch:
             count = int(pending.images.shape[0])

@@ -27,6 +27,7 @@ API_SERIES = {
     "care_predict_requests",
     "care_predict_latency_seconds",
     "care_batch_size",
+    "care_batch_inference_seconds",
 }
 
 

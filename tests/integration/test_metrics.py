@@ -173,3 +173,6 @@ def test_every_documented_and_plotted_series_is_exposed_and_moves_under_traffic(
     assert values["care_task_servable_seconds"][("care_task_servable_seconds_count", ())] == 1
     assert values["care_predict_requests"][("care_predict_requests_total", (("code", "200"),))] == 4
     assert values["care_batch_size"][("care_batch_size_sum", ())] == 4
+    batches = values["care_batch_size"][("care_batch_size_count", ())]
+    assert values["care_batch_inference_seconds"][("care_batch_inference_seconds_count", ())] == batches
+    assert values["care_batch_inference_seconds"][("care_batch_inference_seconds_sum", ())] > 0

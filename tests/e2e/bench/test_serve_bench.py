@@ -73,14 +73,18 @@ care_batch_size_sum %d
 # TYPE care_router_cache_lookups counter
 care_router_cache_lookups_total{result="hit"} %d
 care_router_cache_lookups_total{result="miss"} %d
+# TYPE care_batch_inference_seconds histogram
+care_batch_inference_seconds_count %d
+care_batch_inference_seconds_sum %f
 """
-    before = MetricsSnapshot.parse(text % (1, 2, 2, 2, 17, 10, 10))
-    after = MetricsSnapshot.parse(text % (1, 5, 5, 5, 65, 40, 20))
+    before = MetricsSnapshot.parse(text % (1, 2, 2, 2, 17, 10, 10, 2, 0.5))
+    after = MetricsSnapshot.parse(text % (1, 5, 5, 5, 65, 40, 20, 5, 1.1))
     stats = window_stats(before, after)
     assert stats["batches"] == 3
     assert stats["mean_batch_size"] == 16.0
     assert stats["batch_size_histogram"] == {"<=16.0": 3}
     assert stats["hit_ratio"] == 0.75
+    assert stats["server_model_ms"] == 200.0  # (1.1 - 0.5) s over 3 batches
 
 
 def test_cli_parses_the_serve_benchmark() -> None:

@@ -51,7 +51,7 @@ def images(count: int, value: float = 0.0) -> torch.Tensor:
 def batcher(model: Any, **options: Any) -> tuple[MicroBatcher, list[int]]:
     sizes: list[int] = []
     settings = {"max_batch_size": 8, "max_wait_s": 0.05, "max_queue_images": 64, "threads": 1} | options
-    return MicroBatcher(lambda: model, on_batch=sizes.append, **settings), sizes
+    return MicroBatcher(lambda: model, on_batch=lambda size, _seconds: sizes.append(size), **settings), sizes
 
 
 async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
