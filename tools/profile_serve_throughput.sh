@@ -9,7 +9,7 @@ OUT=${1:-/tmp/throughput-profile}
 TASKS=${TASKS:-300}
 BIN=${BIN:-.venv/bin}
 mkdir -p "$OUT"
-"$BIN/care-bench" serve --tasks "$TASKS" --concurrency 16 --caps "" --publishes 0 --duration 5 --warmup 5 \
+"$BIN/care-bench" serve --tasks "$TASKS" --concurrency 16 --caps "" --publishes 0 --duration 15 --warmup 5 \
     --throughput-duration 40 --reference-repeats 1 --out "$OUT" >"$OUT/bench.log" 2>&1 &
 bench=$!
 # The throughput phase starts right after the offline backbone's throughput is logged; its window after the warm-up.

@@ -13,11 +13,17 @@ from collections import Counter, defaultdict
 # First match wins, tested against the whole stack (frames joined by ";"); the leaf-only waits come first so that a
 # thread parked in a queue is not counted as doing the work its caller does.
 CATEGORIES: list[tuple[str, str]] = [
-    ("waiting (queue, event, select)", r"(Condition\.wait|EpollSelector\.select|Event\.wait|Queue\.get)[^;]*$"),
+    # A pool thread blocked in its work queue's C-level get shows `_worker` as its leaf frame.
+    (
+        "waiting (queue, event, select)",
+        r"(Condition\.wait|EpollSelector\.select|Event\.wait|Queue\.get|^_worker|;_worker)[^;]*$",
+    ),
     ("routed experts and routers (fast_moe)", r"fast_moe"),
     ("analytic head", r"AnalyticHead"),
     ("decode and preprocess", r"decode_image|_decode_tensor|Preprocessor|resize_image|normalize|center_crop|_to_float"),
     ("backbone layers", r"Module\._call_impl|forward_site|forward_plain|\.embed "),
+    # uvloop runs the loop in C: its epoll waits and socket I/O show `Runner.run` as the leaf (not separable).
+    ("event loop in C (uvloop: socket I/O or epoll wait)", r"Runner\.run[^;]*$"),
     ("HTTP, multipart, JSON (event loop)", r"h11_impl|starlette|fastapi|multipart|json|uvicorn"),
 ]
 

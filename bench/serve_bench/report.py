@@ -103,10 +103,13 @@ def targets(result: ServeBenchResult) -> list[Target]:
 
 
 def write_report(result: ServeBenchResult, out_dir: Path, meta: dict[str, object]) -> Path:
-    """JSON of the raw numbers and three PNG plots; returns the JSON path."""
+    """JSON of the raw numbers and a PNG plot of each phase that ran (latency, throughput, cache); returns the JSON
+    path."""
     path = write_json(out_dir, "serve_bench.json", meta, dict(result))
+    ran = {"latency": bool(result["latency"]), "throughput": bool(result["throughput"]), "cache": True}
     for name, plot in _plots().items():
-        plot(result, out_dir / f"serve_bench_{name}.png")
+        if ran[name]:
+            plot(result, out_dir / f"serve_bench_{name}.png")
     return path
 
 

@@ -25,8 +25,8 @@ from bench.serve_bench import (
 REFERENCE = Path(__file__).resolve().parents[3] / "docs" / "bench" / "serve_bench.json"
 # Dicts keyed by data (batch sizes, histogram buckets), not by name: their keys are not part of the shape.
 DATA_KEYED = ("batch_size_histogram", "backbone_images_per_s", "backbone_images_per_s_after")
-# Keys added since the reference was published (the minimal baseline server, issue 17): new keys only, appended to
-# their rows; every key of the reference keeps its name and its order.
+# Keys added since the reference was published (issue 17: the minimal baseline server, the model's time in the
+# server): new keys only; every key of the reference keeps its name and its order.
 ADDED = [
     ".latency[].baseline_requests",
     ".latency[].baseline_failed",
@@ -40,6 +40,12 @@ ADDED = [
     ".throughput[].baseline_p99_ms",
     ".throughput[].baseline_failed",
     ".throughput[].images_per_s_over_baseline",
+    # The model's time per batch inside the server (care_batch_inference_seconds), in every window.
+    ".latency[].server_model_ms",
+    ".latency[].server_model_over_backbone",
+    ".throughput[].server_model_ms",
+    ".cap.rows[].uncapped.server_model_ms",
+    ".cap.rows[].capped.server_model_ms",
 ]
 
 
@@ -127,6 +133,8 @@ def test_serve_bench_runs_every_phase(tmp_path: Path, monkeypatch: pytest.Monkey
         assert 0 < row["baseline_p50_ms"] <= row["baseline_p95_ms"]
         assert row["p50_over_baseline"] == round(row["p50_ms"] / row["baseline_p50_ms"], 3)
         assert row["paired_p50_over_baseline"] > 0
+        # The server's own count of the model's time: inside each request's latency, so below its slowest one.
+        assert 0 < row["server_model_ms"] < row["p99_ms"] * 1.01 + 1
     assert [row["concurrency"] for row in result["throughput"]] == [1, 2]
     assert all(row["failed"] == 0 and row["images_per_s"] > 0 for row in result["throughput"])
     for row in result["throughput"]:
