@@ -51,6 +51,7 @@ class ModelBenchRow:
     head_s: float = 0.0  # the analytic head alone on its inputs
     classes: int = 0
     method_s: dict[str, float] = field(default_factory=dict)  # other methods' served call, same repeats
+    unfolded_backbone_s: float = 0.0  # timm's backbone as built (batch norms not folded), same repeats
 
     @property
     def fast_over_backbone(self) -> float:
@@ -153,8 +154,10 @@ def bench_backbone(
 ) -> list[ModelBenchRow]:
     """Median forward seconds per batch for each task count (and of each other method in `methods`), on `device`."""
     config = ModelConfig(backbone=name, image_size=image_size)
-    backbone = build_backbone(config, "bundled" if bundled_weights_available(name) else "random")
+    unfolded = build_backbone(config, "bundled" if bundled_weights_available(name) else "random").to(device)
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
+    # As served (service.inference.backbone.load_backbone): a CNN's batch norms folded into its convolutions.
+    backbone = unfolded.with_folded_batch_norms(images[:2])
     rows = []
     for count in task_counts:
         model, routers = random_model(config, backbone, count, device=device)
@@ -166,7 +169,14 @@ def bench_backbone(
                 model.forward_features(images, routers, "fast")
             for call in others.values():
                 call(images)
-            times: dict[str, list[float]] = {"backbone": [], "fast": [], "reference": [], "served": [], "head": []}
+            times: dict[str, list[float]] = {
+                "backbone": [],
+                "fast": [],
+                "reference": [],
+                "served": [],
+                "head": [],
+                "unfolded": [],
+            }
             times.update({name: [] for name in others})
             inputs = model.head_inputs_from_embedding(backbone.embed(images), routers)
             assert model.head is not None
@@ -175,6 +185,7 @@ def bench_backbone(
             # the reference path runs afterwards because its large temporaries disturb the caches of the others.
             for _ in range(repeats):
                 times["backbone"].append(time_call(lambda: backbone.forward_plain(images)))
+                times["unfolded"].append(time_call(lambda: unfolded.forward_plain(images)))
                 times["fast"].append(time_call(lambda m=model, r=routers: m.forward_features(images, r, "fast")))  # type: ignore[misc]
                 times["served"].append(time_call(lambda m=model, r=routers: m.predict_proba(images, r)))  # type: ignore[misc]
                 times["head"].append(time_call(lambda h=head, z=inputs: h.probabilities(z)))  # type: ignore[misc]
@@ -199,9 +210,11 @@ def bench_backbone(
             head_s=statistics.median(times["head"]),
             classes=model.num_classes,
             method_s={name: statistics.median(times[name]) for name in others},
+            unfolded_backbone_s=statistics.median(times["unfolded"]),
         )
         progress(
-            f"{name} T={count}: backbone {row.backbone_s * 1e3:.1f} ms, fast {row.fast_s * 1e3:.1f} ms "
+            f"{name} T={count}: backbone {row.backbone_s * 1e3:.1f} ms (timm's, unfolded: "
+            f"{row.unfolded_backbone_s * 1e3:.1f} ms), fast {row.fast_s * 1e3:.1f} ms "
             f"(paired {row.fast_over_backbone:.2f}x), served {row.served_s * 1e3:.1f} ms, "
             f"head {row.head_s * 1e3:.2f} ms over {row.classes} classes, reference "
             + (f"{row.reference_s * 1e3:.1f} ms" if row.reference_s is not None else "skipped")

@@ -11,6 +11,7 @@ block outputs: the feature map's H*W positions are the tokens and its spatial me
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,8 +23,11 @@ from timm.data.config import resolve_data_config
 from torch import Tensor, nn
 
 from model.config import DEFAULT_CNN_SITES, ModelConfig
+from model.fusion import fold_batch_norms
 
 logger = logging.getLogger(__name__)
+# Largest difference allowed between folded and unfolded features, relative to the features' largest magnitude.
+FOLD_TOLERANCE = 1e-4
 
 # f(tokens (B, N, d), routing vector (B, d)) -> delta to add to the tokens (B, N, d)
 SiteFn = Callable[[Tensor, Tensor], Tensor]
@@ -154,6 +158,38 @@ class SiteBackbone(nn.Module):
         features = self.model.forward_features(images)
         return self.model.forward_head(features, pre_logits=True)  # type: ignore[no-any-return]
 
+    def _served_unadapted(self, images: Tensor) -> Tensor:
+        """The pooled feature through the served path (embed, every site, head) with every expert adding zero."""
+        hidden = self.embed(images)
+        for site in range(self.num_sites):
+            hidden = self.forward_site(hidden, site, lambda tokens, _routing: torch.zeros_like(tokens))
+        return self.forward_head(hidden)
+
+    def _modules_changed(self) -> None:
+        """Called after modules of `self.model` were replaced: refresh any references kept to them."""
+
+    def with_folded_batch_norms(self, probe: Tensor) -> SiteBackbone:
+        """A copy with every batch norm folded into the convolution before it (`model.fusion`), if both timm's own
+        forward and the served path give the same features on `probe` within `FOLD_TOLERANCE`; else `self`."""
+        folded = copy.deepcopy(self)
+        count = fold_batch_norms(folded.model)
+        if count == 0:
+            return self
+        folded._modules_changed()
+        with torch.inference_mode():
+            pairs = [
+                (self.forward_plain(probe), folded.forward_plain(probe)),
+                (self._served_unadapted(probe), folded._served_unadapted(probe)),
+            ]
+        for expected, got in pairs:
+            difference = float((got.float() - expected.float()).abs().max())
+            limit = FOLD_TOLERANCE * max(1.0, float(expected.abs().max()))
+            if not difference <= limit:  # also refuses NaN
+                logger.warning("batch norms left unfolded: features moved by %.3g (limit %.3g)", difference, limit)
+                return self
+        logger.info("folded %d batch norms into their convolutions", count)
+        return folded
+
 
 class VitSiteBackbone(SiteBackbone):
     """timm VisionTransformer with BR-MoE in parallel to the MLP of the site blocks (CaRE eq. 1)."""
@@ -225,7 +261,8 @@ class CnnSiteBackbone(SiteBackbone):
                 f"{backbone_name!r} is a {family}; care-serve can place BR-MoE sites in ViTs and in these CNN "
                 f"families: {supported}"
             )
-        self.sequence: list[tuple[str, nn.Module]] = _flatten_feature_sequence(model, _CNN_FEATURE_SEQUENCES[family])
+        self._sequence_attributes = _CNN_FEATURE_SEQUENCES[family]
+        self.sequence: list[tuple[str, nn.Module]] = _flatten_feature_sequence(model, self._sequence_attributes)
         names = [name for name, _ in self.sequence]
         chosen = list(sites) or list(DEFAULT_CNN_SITES.get(backbone_name, ())) or _last_blocks(names, 4)
         unknown = [s for s in chosen if s not in names]
@@ -235,6 +272,10 @@ class CnnSiteBackbone(SiteBackbone):
         self.site_positions = positions
         self.site_names = [names[p] for p in positions]
         self.site_dims, self.feature_dim = self._probe_dims()
+
+    def _modules_changed(self) -> None:
+        # The served path runs `self.sequence`, which holds the modules themselves, not their names.
+        self.sequence = _flatten_feature_sequence(self.model, self._sequence_attributes)
 
     def _probe_dims(self) -> tuple[list[int], int]:
         """Channel count at each site and the pooled feature size, from one tiny forward pass."""

@@ -102,12 +102,13 @@ async def latency_phase(bench: Bench, server: ServerProcess, num_tasks: int) -> 
     assert baseline is not None
     records: list[Record] = []
     baseline_records: list[Record] = []
-    times: dict[str, list[float]] = {"backbone": [], "fast": [], "paired": [], "paired_baseline": []}
+    times: dict[str, list[float]] = {"backbone": [], "fast": [], "unfolded": [], "paired": [], "paired_baseline": []}
     async with new_client(2) as client:
         warm_end = time.perf_counter() + config.warmup_s
         draw = mix.batch(batch)
         offline.backbone_s(bench.keys[draw])
         offline.path_s(bench.keys[draw], "fast")
+        offline.unfolded_backbone_s(bench.keys[draw])
         while time.perf_counter() < warm_end:
             body = bench.traffic.body(mix.batch(batch))
             for url in (server.url, baseline.url):
@@ -132,10 +133,15 @@ async def latency_phase(bench: Bench, server: ServerProcess, num_tasks: int) -> 
             if record.status == 200 and base.status == 200:
                 times["paired_baseline"].append(record.latency / base.latency)
             images = bench.keys[draw]
-            # The server is idle now: time one offline pass on the same images, the backbone and the fast path in
-            # turn, so that both sit next to server requests in time.
-            kind = "backbone" if step % 2 == 0 else "fast"
-            seconds = offline.backbone_s(images) if kind == "backbone" else offline.path_s(images, "fast")
+            # The server is idle now: time one offline pass on the same images, the backbone, the fast path and
+            # timm's unfolded backbone in turn, so that each sits next to server requests in time.
+            kind = ("backbone", "fast", "unfolded")[step % 3]
+            if kind == "backbone":
+                seconds = offline.backbone_s(images)
+            elif kind == "fast":
+                seconds = offline.path_s(images, "fast")
+            else:
+                seconds = offline.unfolded_backbone_s(images)
             times[kind].append(seconds)
             if kind == "backbone" and record.status == 200:
                 times["paired"].append(record.latency / seconds)
@@ -149,6 +155,7 @@ async def latency_phase(bench: Bench, server: ServerProcess, num_tasks: int) -> 
     baseline_requests = summarize(baseline_records, start, end)
     backbone_ms, fast_ms, reference_ms = ms(median(times["backbone"])), ms(median(times["fast"])), ms(median(reference))
     stats = window_stats(before, after)
+    unfolded_ms = ms(median(times["unfolded"]))
     row: LatencyRow = {
         "tasks": num_tasks,
         "batch": batch,
@@ -164,6 +171,10 @@ async def latency_phase(bench: Bench, server: ServerProcess, num_tasks: int) -> 
         "p50_over_backbone": round(requests["p50_ms"] / backbone_ms, 3),
         "fast_over_backbone": round(fast_ms / backbone_ms, 3),
         "server_model_over_backbone": round(stats["server_model_ms"] / backbone_ms, 3),
+        # timm's backbone as built (batch norms not folded): what "the backbone alone" was before the served one
+        # was folded, and what a user running timm gets.
+        "unfolded_backbone_ms": unfolded_ms,
+        "p50_over_unfolded_backbone": round(requests["p50_ms"] / unfolded_ms, 3),
         "reference_over_fast": round(reference_ms / fast_ms, 2),
         "baseline_requests": baseline_requests["requests"],
         "baseline_failed": baseline_requests["failed"],
@@ -176,6 +187,7 @@ async def latency_phase(bench: Bench, server: ServerProcess, num_tasks: int) -> 
     bench.progress(
         f"T={num_tasks}: p50 {row['p50_ms']:.1f} ms (p95 {row['p95_ms']:.1f}, p99 {row['p99_ms']:.1f}), backbone alone "
         f"{row['backbone_ms']:.1f} ms ({row['p50_over_backbone']:.2f}x, paired {row['paired_p50_over_backbone']:.2f}x)"
+        f", timm's unfolded backbone {row['unfolded_backbone_ms']:.1f} ms ({row['p50_over_unfolded_backbone']:.2f}x)"
         f", baseline server {row['baseline_p50_ms']:.1f} ms ({row['p50_over_baseline']:.2f}x, paired "
         f"{row['paired_p50_over_baseline']:.2f}x), fast {row['fast_ms']:.1f} ms, model in the server "
         f"{row['server_model_ms']:.1f} ms, reference {row['reference_ms']:.1f} ms, hit ratio {row['hit_ratio']}, "
@@ -454,7 +466,7 @@ def run(config: ServeBenchConfig, progress: Callable[[str], None]) -> ServeBench
             tasks=tasks,
             traffic=Traffic(encoded, config.image_format),
             keys=keys,
-            offline=Offline(store, settings.torch_device()),
+            offline=Offline(store, settings.torch_device(), load_backbone(settings, fold=False)[1]),
             workdir=workdir,
             progress=progress,
         )

@@ -49,6 +49,8 @@ class LatencyRow(RequestStats, WindowStats):
     p50_over_backbone: float
     fast_over_backbone: float
     server_model_over_backbone: float  # the model's time per batch in the server over the backbone alone offline
+    unfolded_backbone_ms: float  # timm's backbone as built (batch norms not folded), offline
+    p50_over_unfolded_backbone: float
     reference_over_fast: float
     # The minimal baseline server (bench/serve_bench/baseline.py): the same request bodies, alternated with the
     # server's in the same window.

@@ -100,15 +100,18 @@ class Offline:
     """The backbone alone, and the fast and reference paths of a version, in this process, on the servers' device.
 
     Images are moved to the device before the clock starts; the times include waiting for the device's kernels.
+    `unfolded`: timm's backbone as built, batch norms not folded (what a user running timm gets), timed beside the
+    served one.
     """
 
-    def __init__(self, store: ModelStore, device: torch.device = CPU) -> None:
+    def __init__(self, store: ModelStore, device: torch.device = CPU, unfolded: SiteBackbone | None = None) -> None:
         if device != CPU:  # a store of its own reading the same registry, its backbone a copy on the device
             backbone = copy.deepcopy(store.backbone).to(device)
             store = ModelStore(store.registry, store.config, backbone, device)
         self.store = store
         self.device = device
         self.backbone: SiteBackbone = store.backbone
+        self.unfolded = unfolded.to(device) if unfolded is not None else None
         self.loader = SnapshotLoader(store, new_router_cache(device, None))
         self.served: ServedVersion | None = None
 
@@ -120,6 +123,12 @@ class Offline:
         images = images.to(self.device)
         with torch.inference_mode():
             return time_call(lambda: self.backbone.forward_plain(images))
+
+    def unfolded_backbone_s(self, images: Tensor) -> float:
+        assert self.unfolded is not None, "no unfolded backbone given"
+        unfolded, images = self.unfolded, images.to(self.device)
+        with torch.inference_mode():
+            return time_call(lambda: unfolded.forward_plain(images))
 
     def path_s(self, images: Tensor, path: str) -> float:
         served = self.served

@@ -43,6 +43,8 @@ ADDED = [
     # The model's time per batch inside the server (care_batch_inference_seconds), in every window.
     ".latency[].server_model_ms",
     ".latency[].server_model_over_backbone",
+    ".latency[].unfolded_backbone_ms",
+    ".latency[].p50_over_unfolded_backbone",
     ".throughput[].server_model_ms",
     ".cap.rows[].uncapped.server_model_ms",
     ".cap.rows[].capped.server_model_ms",
