@@ -23,7 +23,7 @@ from timm.data.config import resolve_data_config
 from torch import Tensor, nn
 
 from model.config import DEFAULT_CNN_SITES, ModelConfig
-from model.fusion import fold_batch_norms
+from model.fusion import count_foldable, fold_batch_norms
 
 logger = logging.getLogger(__name__)
 # Largest difference allowed between folded and unfolded features, relative to the features' largest magnitude.
@@ -171,10 +171,10 @@ class SiteBackbone(nn.Module):
     def with_folded_batch_norms(self, probe: Tensor) -> SiteBackbone:
         """A copy with every batch norm folded into the convolution before it (`model.fusion`), if both timm's own
         forward and the served path give the same features on `probe` within `FOLD_TOLERANCE`; else `self`."""
+        if count_foldable(self.model) == 0:
+            return self  # a ViT, say: no copy
         folded = copy.deepcopy(self)
         count = fold_batch_norms(folded.model)
-        if count == 0:
-            return self
         folded._modules_changed()
         with torch.inference_mode():
             pairs = [

@@ -48,16 +48,28 @@ def _fold(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter((bias * scale + shift).to(conv.weight.dtype), requires_grad=False)
 
 
-def fold_batch_norms(module: nn.Module) -> int:
-    """Fold, in place, every eval-mode BatchNorm2d registered right after a Conv2d of the same parent; returns how
-    many were folded. Unchecked: it assumes each such norm is applied to that conv's output, as in timm's CNNs."""
-    folded = 0
-    for parent in list(module.modules()):
+def _pairs(module: nn.Module) -> list[tuple[nn.Module, nn.Conv2d, str, nn.BatchNorm2d]]:
+    """(parent, conv, norm's attribute name, norm) for every foldable pair, in module order."""
+    pairs = []
+    for parent in module.modules():
         children = list(parent._modules.items())
         for (_, conv), (norm_name, norm) in itertools.pairwise(children):
             if conv is not None and norm is not None and _foldable(conv, norm):
                 assert isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
-                _fold(conv, norm)
-                setattr(parent, norm_name, _what_remains(norm))
-                folded += 1
-    return folded
+                pairs.append((parent, conv, norm_name, norm))
+    return pairs
+
+
+def count_foldable(module: nn.Module) -> int:
+    """How many batch norms `fold_batch_norms` would fold (nothing is changed)."""
+    return len(_pairs(module))
+
+
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold, in place, every eval-mode BatchNorm2d registered right after a Conv2d of the same parent; returns how
+    many were folded. Unchecked: it assumes each such norm is applied to that conv's output, as in timm's CNNs."""
+    pairs = _pairs(module)
+    for parent, conv, norm_name, norm in pairs:
+        _fold(conv, norm)
+        setattr(parent, norm_name, _what_remains(norm))
+    return len(pairs)

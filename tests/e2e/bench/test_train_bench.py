@@ -27,9 +27,11 @@ def test_train_bench_teaches_tasks_over_http(tmp_path: Path, monkeypatch: pytest
     config = TrainBenchConfig(stream="digits5", tasks=2, train_per_class=12, test_per_class=4, timeout_s=300)
     result = run(config, messages.append)
 
-    # The first task is trained into version 1; the second is served provisionally (version 2) before its trained
-    # version 3 makes it ready (CARE_PROVISIONAL is on by default).
-    assert [row["model_version"] for row in result["tasks"]] == [1, 3]
+    # The first task is trained into version 1; the second is normally served provisionally (version 2) before its
+    # trained version 3 makes it ready (CARE_PROVISIONAL is on by default). If the worker claims it in the moment
+    # between its provisional pass and its claim (seen once under CI load), it trains at once, into version 2.
+    versions = [row["model_version"] for row in result["tasks"]]
+    assert versions[0] == 1 and versions[1] in (2, 3), versions
     for row in result["tasks"]:
         assert row["num_images"] == 24 and len(row["classes"]) == 2
         assert 0 < row["training_s"] <= row["accepted_to_ready_s"] <= row["accepted_to_served_s"]

@@ -10,7 +10,7 @@ from torch import nn
 
 import model.backbone as backbone_module
 from model.backbone import SiteBackbone
-from model.fusion import fold_batch_norms
+from model.fusion import count_foldable, fold_batch_norms
 
 
 def _randomised(norm: nn.BatchNorm2d) -> nn.BatchNorm2d:
@@ -33,6 +33,7 @@ def test_a_conv_and_its_norm_fold_into_the_conv_and_the_activation_stays() -> No
     ).eval()
     x = torch.randn(2, 3, 9, 9)
     expected = block(x)
+    assert count_foldable(block) == 2 and isinstance(block[1], BatchNormAct2d)  # counting changes nothing
     assert fold_batch_norms(block) == 2
     assert not any(isinstance(m, nn.BatchNorm2d) for m in block.modules())
     assert isinstance(block[1], nn.ReLU6) and isinstance(block[3], nn.Identity)
