@@ -50,6 +50,12 @@ CONFIG = {
 }
 
 
+def retrain_env(tmp_path: Path) -> dict[str, str]:
+    """A restarted server's settings: the interrupted task is trained again from scratch, and how long it trains
+    is not what these tests check (24 epochs again cost the CI run about 15 s a test)."""
+    return base_env(data_dir=str(tmp_path / "data"), **{**CONFIG, "train_epochs": "2"})
+
+
 @pytest.fixture(scope="module")
 def tasks() -> list[Task]:
     return list(make_stream("digits5", seed=1, train_per_class=30, test_per_class=5).tasks)
@@ -136,7 +142,7 @@ def test_kill_9_of_the_whole_server_then_restart(tmp_path: Path, tasks: list[Tas
         wait_until("the worker to be gone", lambda: not alive(worker) or None, 30, server.tail)
         check_registry(tmp_path / "data", [])
 
-        restarted = start_server("restarted", port, env, tmp_path)
+        restarted = start_server("restarted", port, retrain_env(tmp_path), tmp_path)
         try:
             result = wait_finished(url, task_id, restarted.tail)
             assert result["status"] == "ready" and result["model_version"] == 1, result
@@ -160,7 +166,7 @@ def test_kill_9_of_the_server_alone_does_not_orphan_its_worker(tmp_path: Path, t
         server.popen.wait(30)
         wait_until("the orphaned worker to stop", lambda: not alive(worker) or None, 60, server.tail)
 
-        restarted = start_server("restarted", port, env, tmp_path)
+        restarted = start_server("restarted", port, retrain_env(tmp_path), tmp_path)
         try:
             assert wait_finished(url, task_id, restarted.tail)["status"] == "ready"
             check_registry(tmp_path / "data", [task_id])

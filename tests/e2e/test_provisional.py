@@ -108,6 +108,9 @@ def test_a_posted_class_answers_before_training_and_survives_kill_9(tmp_path: Pa
     finally:
         server.stop()
 
+    # The restarted server trains briefly: this phase checks that both accepted tasks survive and finish, not how long
+    # they train (24 epochs each here cost the CI run about a minute).
+    env = base_env(data_dir=str(tmp_path / "data"), **{**CONFIG, "train_epochs": "2"})
     restarted = start_server("restarted", port, env, tmp_path)
     try:
         # Both accepted tasks survive: each is answerable (provisional or trained), then trained.
