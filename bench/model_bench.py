@@ -157,7 +157,7 @@ def bench_backbone(
     unfolded = build_backbone(config, "bundled" if bundled_weights_available(name) else "random").to(device)
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(device)
     # As served (service.inference.backbone.load_backbone): a CNN's batch norms folded into its convolutions.
-    backbone = unfolded.with_folded_batch_norms(images[:2])
+    backbone = unfolded.with_folded_batch_norms(image_size)
     rows = []
     for count in task_counts:
         model, routers = random_model(config, backbone, count, device=device)

@@ -168,11 +168,15 @@ class SiteBackbone(nn.Module):
     def _modules_changed(self) -> None:
         """Called after modules of `self.model` were replaced: refresh any references kept to them."""
 
-    def with_folded_batch_norms(self, probe: Tensor) -> SiteBackbone:
+    def with_folded_batch_norms(self, image_size: int) -> SiteBackbone:
         """A copy with every batch norm folded into the convolution before it (`model.fusion`), if both timm's own
-        forward and the served path give the same features on `probe` within `FOLD_TOLERANCE`; else `self`."""
+        forward and the served path give the same features on a probe batch of `image_size` px images within
+        `FOLD_TOLERANCE`; else `self`."""
         if count_foldable(self.model) == 0:
             return self  # a ViT, say: no copy
+        device = next(self.parameters()).device
+        generator = torch.Generator().manual_seed(0)
+        probe = torch.randn(2, 3, image_size, image_size, generator=generator).to(device)
         folded = copy.deepcopy(self)
         count = fold_batch_norms(folded.model)
         folded._modules_changed()

@@ -19,7 +19,7 @@ from model.config import ModelConfig
 def main() -> None:
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
     timm_backbone = build_backbone(ModelConfig(backbone="efficientnet_lite0"), "bundled")
-    folded = timm_backbone.with_folded_batch_norms(torch.randn(2, 3, 224, 224))
+    folded = timm_backbone.with_folded_batch_norms(224)
     images = torch.randn(16, 3, 224, 224)
     unfolded_s, folded_s = [], []
     with torch.inference_mode():

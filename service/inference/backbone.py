@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from model.backbone import SiteBackbone, build_backbone
 from model.config import ModelConfig
 from service.settings import Settings
@@ -31,7 +29,5 @@ def load_backbone(settings: Settings, fold: bool = True) -> tuple[ModelConfig, S
     backbone = build_backbone(settings.model(), settings.backbone_weights).to(device)
     config = resolved_model_config(settings, backbone)
     if fold:
-        size = config.image_size or 224
-        probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-        backbone = backbone.with_folded_batch_norms(probe)
+        backbone = backbone.with_folded_batch_norms(config.image_size or 224)
     return config, backbone
