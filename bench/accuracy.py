@@ -281,7 +281,8 @@ def run(
     )
     config = preset.model_config()
     weights = WEIGHTS_BUNDLED if bundled_weights_available(config.backbone) else "random"
-    backbone = build_backbone(config, weights)
+    # As the worker and the server load it (service.inference.backbone.load_backbone): batch norms folded.
+    backbone = build_backbone(config, weights).with_folded_batch_norms(config.image_size or 224)
     encode = _Encoder(backbone, config.image_size)
     methods = build_methods(method_names, preset, backbone, config, len(stream.classes))
     results = {m.name: MethodResult(m.name) for m in methods}
